@@ -1,0 +1,32 @@
+# afm: the two entry points are `make run` (the main job) and `make test` (the test suite).
+# Both create the virtual environment themselves. TORCH_SPEC installs PyTorch first: the default is
+# the CPU build; on a GPU machine pass the CUDA build you want, e.g. `make test TORCH_SPEC=torch`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: run test install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Until the speedrun lands: initialise the nano model (with a BPE tokenizer trained on the Python
+# standard library), save it in the Hugging Face layout, inspect it and generate from it.
+run: $(BIN)/.installed
+	$(BIN)/afm init --preset afm-nano runs/nano-init --force
+	$(BIN)/afm info runs/nano-init
+	$(BIN)/afm generate runs/nano-init --prompt "def fibonacci(n):" --max-tokens 48 --seed 0
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from afm.cli import main
+
+sys.exit(main())

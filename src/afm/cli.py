@@ -1,0 +1,268 @@
+"""`afm <command>`: the command-line entry point. Each command lives in a small function below."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from afm.errors import AFMError
+
+
+def _device_default() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_arg(name: str | None) -> Any:
+    if name is None:
+        return None
+    from afm.model.transformer import DTYPES
+
+    if name not in DTYPES:
+        raise AFMError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# afm info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from afm.model.config import ModelConfig
+    from afm.model.hf import directory_size_bytes, read_generation_config, tensor_summary
+
+    path = Path(args.path)
+    config = ModelConfig.from_pretrained(path)
+    n_params, n_bytes, n_files, dtypes = tensor_summary(path)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "architecture": "ArceeForCausalLM",
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "context": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None
+        if config.rope_scaling is None
+        else {
+            "type": "yarn",
+            "factor": config.rope_scaling.factor,
+            "original_context": config.rope_scaling.original_max_position_embeddings,
+        },
+        "tied_head": config.tie_word_embeddings,
+        "parameters": n_params,
+        "dtype": config.dtype,
+        "weight_dtypes": dtypes,
+        "weights_bytes": n_bytes,
+        "weight_files": n_files,
+        "directory_bytes": directory_size_bytes(path),
+        "generation_config": read_generation_config(path),
+    }
+    tok_file = path / "tokenizer.json"
+    if tok_file.exists():
+        from afm.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_pretrained(path)
+        info["tokenizer"] = {"vocab_size": tok.vocab_size, "chat_template": tok.chat_template is not None}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rope = "" if config.rope_scaling is None else (
+        f", YaRN x{config.rope_scaling.factor:g} from {config.rope_scaling.original_max_position_embeddings}"
+    )
+    lines = [
+        f"checkpoint   {path}",
+        "architecture ArceeForCausalLM (model_type arcee)",
+        f"shape        {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"intermediate {config.intermediate_size} (ReLU²), heads {config.num_attention_heads} "
+        f"(kv {config.num_key_value_heads}), head_dim {config.head_dim}",
+        f"vocab        {config.vocab_size}, {'tied' if config.tie_word_embeddings else 'untied'} head",
+        f"context      {config.max_position_embeddings} tokens (rope_theta {config.rope_theta:g}{rope})",
+        f"parameters   {n_params:,} ({n_params / 1e9:.2f}B)",
+        f"dtype        {config.dtype} (stored as {', '.join(dtypes)})",
+        f"size         {_human_bytes(n_bytes)} of weights in {n_files} file(s); "
+        f"{_human_bytes(info['directory_bytes'])} on disk in all",
+    ]
+    if "tokenizer" in info:
+        t = info["tokenizer"]
+        lines.append(f"tokenizer    {t['vocab_size']} tokens, chat template: {'yes' if t['chat_template'] else 'no'}")
+    gen = info["generation_config"]
+    if gen:
+        keys = ("temperature", "top_k", "top_p", "repetition_penalty")
+        lines.append("sampling     " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
+    print("\n".join(lines))
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+# ---------------------------------------------------------------------------------------------
+# afm init
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from afm.model.config import get_preset
+    from afm.model.hf import save_pretrained
+    from afm.model.transformer import build_model
+    from afm.tokenizer import Tokenizer
+    from afm.tokenizer.train import python_stdlib_texts, train_bpe
+
+    config = get_preset(args.preset)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise AFMError(f"{out} exists and is not empty; choose another directory or pass --force")
+    t0 = time.time()
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+        print(f"tokenizer: {tokenizer.vocab_size} tokens from {args.tokenizer}", file=sys.stderr)
+    else:
+        vocab = args.vocab_size or config.vocab_size
+        print(f"training a byte-level BPE tokenizer (up to {vocab} tokens) on the Python standard library",
+              file=sys.stderr)
+        tokenizer = train_bpe(python_stdlib_texts(), vocab, model_max_length=config.max_position_embeddings)
+    # The embedding needs a row for every token id; a smaller tokenizer leaves spare rows, as in AFM-4.5B.
+    config = config.replace(
+        vocab_size=max(config.vocab_size, tokenizer.vocab_size),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=args.dtype or config.dtype,
+    )
+    print(f"initialising {args.preset}: {config.num_parameters() / 1e6:,.1f}M parameters ({config.dtype})",
+          file=sys.stderr)
+    model = build_model(config, "cpu", seed=args.seed)
+    save_pretrained(model, out, tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"saved {out} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from afm.generate import GenerationSettings, generate_tokens, stream_text
+    from afm.model.hf import load_pretrained, read_generation_config
+    from afm.tokenizer import Tokenizer
+
+    path = Path(args.path)
+    defaults = read_generation_config(path)
+    settings = GenerationSettings(
+        max_tokens=args.max_tokens,
+        temperature=_pick(args.temperature, defaults.get("temperature"), 1.0),
+        top_k=_pick(args.top_k, defaults.get("top_k"), -1),
+        top_p=_pick(args.top_p, defaults.get("top_p"), 1.0),
+        repetition_penalty=_pick(args.repetition_penalty, defaults.get("repetition_penalty"), 1.0),
+        seed=args.seed,
+    )
+    tokenizer = Tokenizer.from_pretrained(path)
+    device = args.device or _device_default()
+    model = load_pretrained(path, device=device, dtype=_dtype_arg(args.dtype))
+    if args.chat:
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    stops = list(dict.fromkeys(tokenizer.stop_token_ids + model.config.eos_token_ids))
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    t0 = time.time()
+    n = 0
+
+    def counted():  # type: ignore[no-untyped-def]
+        nonlocal n
+        for tok in generate_tokens(model, list(prompt_ids), settings, stops):
+            n += 1
+            yield tok
+
+    for piece in stream_text(tokenizer, counted()):
+        print(piece, end="", flush=True)
+    dt = time.time() - t0
+    print()
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+def _pick(explicit: Any, from_checkpoint: Any, fallback: Any) -> Any:
+    if explicit is not None:
+        return explicit
+    return from_checkpoint if from_checkpoint is not None else fallback
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="afm",
+        description="afm: the AFM model family end to end, from data to a served model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("info", help="show a checkpoint's config, parameter count, dtype and size on disk")
+    p.add_argument("path", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("init", help="write a randomly initialised checkpoint with a tokenizer")
+    from afm.model.config import PRESETS
+
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: preset's)")
+    p.add_argument("--tokenizer", help="copy this checkpoint's tokenizer instead of training one")
+    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary to train (default: preset's)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (plain decoding, no engine)")
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json)")
+    p.add_argument("--top-k", type=int, help="-1 = off (default: generation_config.json)")
+    p.add_argument("--top-p", type=float, help="(default: generation_config.json)")
+    p.add_argument("--repetition-penalty", type=float, help="(default: generation_config.json)")
+    p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AFMError as e:
+        print(f"afm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+
+from afm.model import CausalAttention, build_model, get_preset, positions_from_documents
+from afm.model.layers import rope_inverse_frequencies
+
+from .conftest import YARN, tiny_config
+
+
+def test_positions_restart_per_document():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, 5]])
+    assert positions_from_documents(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3], list(range(9))]
+
+
+def test_packed_documents_equal_separate_sequences():
+    model = build_model(tiny_config(rope_scaling=YARN), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3]
+    seqs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    packed = torch.cat(seqs, dim=1)
+    docs = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        together = model(packed, document_ids=docs)
+        apart = torch.cat([model(s) for s in seqs], dim=1)
+    assert (together - apart).abs().max().item() < 1e-5
+
+
+def test_causal_attention_ignores_the_future():
+    model = build_model(tiny_config(), seed=2).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_explicit_attention_backend_is_used():
+    model = build_model(tiny_config(), seed=0).eval()
+    calls = []
+
+    class Recording(CausalAttention):
+        def __call__(self, layer_idx, q, k, v):
+            calls.append((layer_idx, tuple(q.shape), tuple(k.shape)))
+            return super().__call__(layer_idx, q, k, v)
+
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        out = model(ids, attention=Recording())
+        assert torch.equal(out, model(ids))
+    assert calls == [(0, (2, 7, 4, 16), (2, 7, 2, 16)), (1, (2, 7, 4, 16), (2, 7, 2, 16))]
+
+
+def test_yarn_frequencies_interpolate_low_and_keep_high():
+    config = get_preset("afm-4.5b")  # YaRN x20 from 4096, head_dim 128
+    inv, factor = rope_inverse_frequencies(config)
+    plain, one = rope_inverse_frequencies(config.replace(rope_scaling=None))
+    assert one == 1.0 and factor == pytest.approx(0.1 * math.log(20.0) + 1)
+    # Dimensions turning more than beta_fast=32 times over 4096 tokens are untouched ...
+    assert torch.equal(inv[:20], plain[:20])
+    # ... those turning less than beta_slow=1 time are interpolated by the factor ...
+    assert torch.allclose(inv[46:], plain[46:] / 20.0)
+    # ... and the band between blends the two.
+    mid = inv[21:46] / plain[21:46]
+    assert ((mid < 1) & (mid > 1 / 20)).all()
+
+
+def test_rope_frequencies_stay_float32_in_bf16():
+    model = build_model(tiny_config(), seed=0).to(torch.bfloat16)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_initialisation_follows_its_documentation():
+    config = tiny_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=32, vocab_size=4096)
+    model = build_model(config, seed=0)
+    sigma = config.initializer_range
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(sigma, rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(sigma / math.sqrt(8), rel=0.05)
+    assert model.model.embed_tokens.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
+    assert layer.self_attn.q_proj.weight.abs().max().item() <= 3 * sigma
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(256))
+    again = build_model(config, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+
+
+def test_tied_head_shares_the_embedding():
+    model = build_model(tiny_config(tie_word_embeddings=True), seed=0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in dict(model.named_parameters())
+
+
+def test_forward_rejects_flat_input():
+    model = build_model(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
+        model(torch.tensor([1, 2, 3]))
