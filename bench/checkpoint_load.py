@@ -12,21 +12,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
+def _status_kib(field: str) -> int:
+    # VmHWM (peak RSS) belongs to the process image and restarts at exec, unlike getrusage's
+    # ru_maxrss, which a child inherits from the parent that forked it.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _status_kib("VmHWM") * 1024
 
 
 def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    return _status_kib("VmRSS") * 1024
 
 
 def write_checkpoint(preset: str, directory: Path, dtype: str) -> None:
@@ -49,7 +58,7 @@ def measure(directory: Path) -> dict:
     from afm.model.hf import checkpoint_size_bytes, load_pretrained
 
     torch.set_num_threads(1)
-    base_peak, base_now = peak_rss_bytes(), current_rss_bytes()
+    base = current_rss_bytes()
     t0 = time.time()
     model = load_pretrained(directory)
     load_s = time.time() - t0
@@ -60,10 +69,10 @@ def measure(directory: Path) -> dict:
     peak = peak_rss_bytes()
     return {
         "checkpoint_bytes": size,
-        "baseline_rss_bytes": base_now,
+        "baseline_rss_bytes": base,
         "peak_rss_bytes": peak,
-        "peak_above_baseline_bytes": peak - max(base_peak, base_now),
-        "ratio_to_checkpoint": (peak - max(base_peak, base_now)) / size,
+        "peak_above_baseline_bytes": peak - base,
+        "ratio_to_checkpoint": (peak - base) / size,
         "load_seconds": load_s,
         "parameters": model.num_parameters(),
         "dtype": str(model.dtype),
@@ -82,6 +91,8 @@ def main() -> None:
         return
     if not (args.dir / "model.safetensors.index.json").exists():
         write_checkpoint(args.preset, args.dir, args.dtype)
+        # Measure from a small parent, so the measuring process starts with nothing of this one's memory.
+        os.execv(sys.executable, [sys.executable, __file__, *sys.argv[1:]])
     out = subprocess.run(
         [sys.executable, __file__, "--dir", str(args.dir), "--measure-only"], capture_output=True, text=True, check=True
     )
