@@ -19,16 +19,6 @@ def _device_default() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _dtype_arg(name: str | None) -> Any:
-    if name is None:
-        return None
-    from afm.model.transformer import DTYPES
-
-    if name not in DTYPES:
-        raise AFMError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
 # ---------------------------------------------------------------------------------------------
 # afm info
 
@@ -157,53 +147,31 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from afm.generate import GenerationSettings, generate_tokens, stream_text
-    from afm.model.hf import load_pretrained, read_generation_config
-    from afm.tokenizer import Tokenizer
+    from afm.engine import LLM
 
-    path = Path(args.path)
-    defaults = read_generation_config(path)
-    settings = GenerationSettings(
-        max_tokens=args.max_tokens,
-        temperature=_pick(args.temperature, defaults.get("temperature"), 1.0),
-        top_k=_pick(args.top_k, defaults.get("top_k"), -1),
-        top_p=_pick(args.top_p, defaults.get("top_p"), 1.0),
-        repetition_penalty=_pick(args.repetition_penalty, defaults.get("repetition_penalty"), 1.0),
-        seed=args.seed,
-    )
-    tokenizer = Tokenizer.from_pretrained(path)
     device = args.device or _device_default()
-    model = load_pretrained(path, device=device, dtype=_dtype_arg(args.dtype))
+    llm = LLM(args.path, device=device, dtype=args.dtype, max_model_len=args.max_model_len,
+              kv_cache_memory_gib=args.kv_cache_gib, max_num_seqs=1)
+    params = llm.engine.default_sampling_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
     if args.chat:
-        prompt_ids = tokenizer.apply_chat_template(
+        prompt = llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
         )
     else:
-        prompt_ids = tokenizer.encode(args.prompt)
-    stops = list(dict.fromkeys(tokenizer.stop_token_ids + model.config.eos_token_ids))
-    if not args.chat:
+        prompt = llm.tokenizer.encode(args.prompt)
         print(args.prompt, end="", flush=True)
     t0 = time.time()
     n = 0
-
-    def counted():  # type: ignore[no-untyped-def]
-        nonlocal n
-        for tok in generate_tokens(model, list(prompt_ids), settings, stops):
-            n += 1
-            yield tok
-
-    for piece in stream_text(tokenizer, counted()):
-        print(piece, end="", flush=True)
+    for out in llm.stream(prompt, params):
+        print(out.outputs[0].delta_text, end="", flush=True)
+        n = len(out.outputs[0].token_ids)
     dt = time.time() - t0
     print()
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s on {device}]", file=sys.stderr)
     return 0
-
-
-def _pick(explicit: Any, from_checkpoint: Any, fallback: Any) -> Any:
-    if explicit is not None:
-        return explicit
-    return from_checkpoint if from_checkpoint is not None else fallback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty directory")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (plain decoding, no engine)")
+    p = sub.add_parser("generate", help="generate text from a checkpoint with the engine, streaming")
     p.add_argument("path", help="checkpoint directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
@@ -247,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--max-model-len", type=int, help="context to reserve (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: 2 GiB on CPU)")
     p.set_defaults(func=cmd_generate)
     return parser
 

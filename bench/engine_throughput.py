@@ -1,0 +1,315 @@
+"""Offline serving throughput of afm's engine, with transformers' generate as the baseline.
+
+For each concurrency C, C requests of random prompts (`--input-len` tokens in, `--output-len` out,
+ignore_eos) arrive together. Reported per run, with the definitions of `vllm bench serve`:
+TTFT (arrival to first token), TPOT ((end - first token) / (output tokens - 1)), output tokens/s per
+request (1 / TPOT) and in total (all output tokens / wall time). It also measures the batch-1 decode
+step against the weight-read floor: weight bytes / the device's measured copy bandwidth (bytes read
+plus written by a large device-to-device copy), and optionally the Triton paged-attention kernel alone.
+
+Random weights of the chosen preset (bf16 on GPUs) and a synthetic word-level tokenizer of the model's
+vocabulary size: no checkpoint or hub access is needed.
+
+    # GPU (one run, everything):
+    python bench/engine_throughput.py --preset afm-4.5b --concurrency 1 16 64 250 --baseline --compile both
+    # CPU (small preset):
+    python bench/engine_throughput.py --preset afm-nano --device cpu --concurrency 1 8 32 \\
+        --input-len 128 --output-len 64 --max-model-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from afm.engine import LLM, SamplingParams  # noqa: E402
+from afm.model import build_model, get_preset  # noqa: E402
+from afm.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def save(out_dir: Path | None) -> None:
+    if out_dir is not None:
+        (out_dir / "engine_throughput.json").write_text(json.dumps(RESULTS, indent=2))
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """A word-level tokenizer with one word per id: decodes any id, costs nothing to build."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return Tokenizer(backend=backend, special_tokens={"eos_token": f"w{vocab_size - 1}"})
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus bytes written per second by a large device-to-device copy."""
+    if device.type != "cuda":
+        n = 256 * 1024**2
+        a, b = torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+        b.copy_(a)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            b.copy_(a)
+        return 2 * n * 5 / (time.perf_counter() - t0)
+    import triton.testing
+
+    n = 4 * 1024**3
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / (ms / 1e3)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
+
+
+def run_afm(llm: LLM, concurrency: int, input_len: int, output_len: int, vocab: int, seed: int) -> dict:
+    prompts = random_prompts(concurrency, input_len, vocab, seed)
+    params = SamplingParams(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1,
+                            max_tokens=output_len, ignore_eos=True, detokenize=False)
+    if llm.engine.model.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.monotonic()
+    outs = llm.generate(prompts, params)
+    wall = time.monotonic() - t0
+    ttft, tpot, per_req = [], [], []
+    total_out = 0
+    for o in outs:
+        m = o.metrics
+        n = len(o.outputs[0].token_ids)
+        total_out += n
+        ttft.append(m.first_token_time - m.arrival_time)
+        if n > 1:
+            t = (m.finished_time - m.first_token_time) / (n - 1)
+            tpot.append(t)
+            per_req.append(1 / t)
+    return {
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "output_tokens": total_out,
+        "output_tok_s_total": total_out / wall,
+        "output_tok_s_per_request_mean": statistics.mean(per_req),
+        "output_tok_s_per_request_median": statistics.median(per_req),
+        "ttft_ms_mean": 1e3 * statistics.mean(ttft),
+        "ttft_ms_median": 1e3 * statistics.median(ttft),
+        "tpot_ms_mean": 1e3 * statistics.mean(tpot),
+        "tpot_ms_median": 1e3 * statistics.median(tpot),
+        "preemptions": llm.engine.scheduler.num_preemptions,
+    }
+
+
+def run_transformers(model, concurrency: int, input_len: int, output_len: int, vocab: int, seed: int) -> dict:
+    prompts = torch.tensor(random_prompts(concurrency, input_len, vocab, seed), device=model.device)
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True, temperature=0.5,
+                  top_k=50, top_p=0.95, repetition_penalty=1.1, pad_token_id=0)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    ttft = 0.0
+    if concurrency <= 16:  # time to first token: a generate call that stops after one token
+        t0 = time.monotonic()
+        model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                       **{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1})
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        ttft = time.monotonic() - t0
+    t0 = time.monotonic()
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.monotonic() - t0
+    n_out = (out.shape[1] - input_len) * concurrency
+    tpot = (wall - ttft) / max(output_len - 1, 1)
+    return {
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "output_tokens": n_out,
+        "output_tok_s_total": n_out / wall,
+        "output_tok_s_per_request_mean": 1 / tpot,
+        "ttft_ms_mean": 1e3 * ttft,
+        "tpot_ms_mean": 1e3 * tpot,
+    }
+
+
+def kernel_bench(device: torch.device) -> None:
+    from afm.engine.triton_attention import benchmark_decode
+
+    rows = []
+    for batch, seq_len in [(1, 4096), (16, 1152), (64, 1152), (250, 1152)]:
+        r = benchmark_decode(batch, seq_len)
+        r.update(batch=batch, seq_len=seq_len)
+        rows.append(r)
+        log(f"  paged-attention decode kernel: batch {batch:3d} ctx {seq_len}: {r}")
+    RESULTS["attention_kernel"] = rows
+
+
+def table(title: str, rows: list[dict]) -> None:
+    log(f"\n{title}")
+    log(f"{'conc':>5} {'tok/s/req':>10} {'tok/s total':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'wall s':>7}")
+    for r in rows:
+        log(f"{r['concurrency']:>5} {r['output_tok_s_per_request_mean']:>10.1f} {r['output_tok_s_total']:>12.1f} "
+            f"{r['ttft_ms_mean']:>9.1f} {r['tpot_ms_mean']:>9.2f} {r['wall_s']:>7.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="afm-4.5b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 250])
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--kv-cache-gib", type=float, default=None)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--baseline", action="store_true", help="also run transformers' generate")
+    ap.add_argument("--baseline-concurrency", type=int, nargs="+", default=None)
+    ap.add_argument("--kernel-bench", action="store_true", help="time the paged-attention kernel alone (GPU)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    RESULTS["setup"] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "preset": args.preset,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "max_model_len": args.max_model_len,
+        "command": " ".join(sys.argv),
+    }
+    log(json.dumps(RESULTS["setup"]))
+    bw = copy_bandwidth(device)
+    config = get_preset(args.preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.time()
+    model = build_model(config, device, dtype, seed=0).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor_tok_s = bw / weight_bytes
+    RESULTS["floor"] = {"copy_bandwidth_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9,
+                        "batch1_floor_tok_s": floor_tok_s}
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write); weights {weight_bytes / 1e9:.2f} GB; "
+        f"batch-1 floor {floor_tok_s:.1f} tok/s ({1e3 / floor_tok_s:.2f} ms/token); model built in {time.time() - t0:.0f}s")
+    save(args.out)
+    if args.kernel_bench and device.type == "cuda":
+        try:
+            kernel_bench(device)
+        except Exception:
+            traceback.print_exc()
+        save(args.out)
+
+    if args.baseline:
+        try:
+            import transformers
+
+            hf_config = transformers.ArceeConfig(
+                **{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
+            )
+            with torch.device("meta"):
+                hf = transformers.ArceeForCausalLM(hf_config)
+            hf.load_state_dict(model.state_dict(), assign=True, strict=False)  # shares afm's weights
+            from transformers.models.arcee.modeling_arcee import ArceeRotaryEmbedding
+
+            hf.model.rotary_emb = ArceeRotaryEmbedding(hf_config).to(device)
+            hf = hf.eval()
+            hf.config._attn_implementation = "sdpa"
+            run_transformers(hf, 2, 64, 8, config.vocab_size, seed=99)  # warm-up
+            rows = []
+            for c in args.baseline_concurrency or args.concurrency:
+                r = run_transformers(hf, c, args.input_len, args.output_len, config.vocab_size, seed=c)
+                rows.append(r)
+                log(f"  transformers concurrency {c}: {json.dumps({k: round(v, 2) for k, v in r.items()})}")
+                RESULTS["transformers"] = {"version": transformers.__version__, "runs": rows}
+                save(args.out)
+            table(f"transformers {transformers.__version__} generate (bf16, SDPA)", rows)
+            del hf
+        except Exception:
+            traceback.print_exc()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save(args.out)
+
+
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for use_compile in variants:
+        name = f"afm{'-compile' if use_compile else ''}"
+        try:
+            t0 = time.time()
+            llm = LLM(model=model, tokenizer=tokenizer, max_model_len=args.max_model_len,
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_dtype=args.kv_cache_dtype, compile=use_compile, device=args.device,
+                      kv_cache_memory_gib=args.kv_cache_gib)
+            e = llm.engine
+            startup = time.time() - t0
+            info = {"startup_s": startup, "kv_capacity_tokens": e.kv_capacity_tokens,
+                    "max_concurrency_at_max_model_len": e.max_concurrency()}
+            log(f"\n{name}: ready in {startup:.0f}s; KV cache {e.kv_capacity_tokens} tokens = "
+                f"{e.max_concurrency():.1f} concurrent requests of {args.max_model_len} tokens")
+            run_afm(llm, 16, args.input_len, 8, config.vocab_size, seed=99)  # warm-up: compiles every kernel variant
+            rows = []
+            for c in args.concurrency:
+                r = run_afm(llm, c, args.input_len, args.output_len, config.vocab_size, seed=c)
+                rows.append(r)
+                log(f"  {name} concurrency {c}: {json.dumps({k: round(v, 2) for k, v in r.items()})}")
+                RESULTS[name] = {"engine": info, "runs": rows}
+                save(args.out)
+            table(name, rows)
+            if rows and rows[0]["concurrency"] == 1:
+                tpot = rows[0]["tpot_ms_mean"] / 1e3
+                info["batch1_decode_ms"] = tpot * 1e3
+                info["batch1_vs_floor"] = (1 / tpot) / floor_tok_s
+                log(f"  batch-1 decode: {tpot * 1e3:.2f} ms/token = {1 / tpot:.1f} tok/s = "
+                    f"{(1 / tpot) / floor_tok_s:.2f}x the weight-read floor")
+            del llm, e
+        except Exception:
+            traceback.print_exc()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save(args.out)
+
+    # Ratios measured side by side in this run.
+    for name in ("afm", "afm-compile"):
+        if name in RESULTS and "transformers" in RESULTS:
+            base = {r["concurrency"]: r for r in RESULTS["transformers"]["runs"]}
+            ratios = {r["concurrency"]: r["output_tok_s_total"] / base[r["concurrency"]]["output_tok_s_total"]
+                      for r in RESULTS[name]["runs"] if r["concurrency"] in base}
+            RESULTS[f"{name}_vs_transformers"] = ratios
+            log(f"{name} / transformers aggregate output tokens/s: "
+                + ", ".join(f"c={c}: {x:.2f}x" for c, x in ratios.items()))
+    save(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Paged attention: the engine's `AttentionBackend` for the model.
+
+A step's tokens from all scheduled sequences are flattened into one row of T tokens, sequence after
+sequence. For each layer the backend writes the new keys and values into the paged KV cache (one slot
+per token, given by `slot_mapping`) and then lets every new query attend to its sequence's cached keys
+up to its own position. Prefill, chunked prefill and decode are the same call: a sequence simply
+contributes one token (decode) or many (prefill chunk).
+
+Two implementations compute the same function: `paged_attention_reference` (PyTorch, any device; the
+CPU path and the oracle in tests) and the fused Triton kernel in `afm.engine.triton_attention` (GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens come from and go to. All tensors live on the model's device.
+
+    - `slot_mapping` (T,) int64: cache slot (block * block_size + offset) of each new token;
+    - `query_start_loc` (S + 1,) int32: token offsets of the S sequences in the flattened batch;
+    - `seq_lens` (S,) int32: each sequence's context length including this step's tokens;
+    - `block_tables` (S, max_blocks) int32: each sequence's physical blocks in order;
+    - `max_query_len`, `max_seq_len`: host-side upper bounds used to size kernel launches.
+    """
+
+    slot_mapping: Tensor
+    query_start_loc: Tensor
+    seq_lens: Tensor
+    block_tables: Tensor
+    max_query_len: int
+    max_seq_len: int
+
+
+def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Store (T, Hkv, D) keys and values into caches of shape (blocks, block_size, Hkv, D)."""
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    if k_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernels: copy the bytes
+        flat_k, flat_v, k, v = (t.view(torch.uint8) for t in (flat_k, flat_v, k, v))
+    flat_k.index_copy_(0, slot_mapping, k)
+    flat_v.index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: Tensor, blocks: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """Keys or values of `blocks` (a row of a block table, or a batch of rows), first `length` slots."""
+    return cache[blocks].flatten(-4, -3)[..., :length, :, :].to(dtype)
+
+
+def paged_attention_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+) -> Tensor:
+    """Attention of (T, Hq, D) queries over each sequence's cached keys, causal at each query's position.
+
+    Query j of sequence s (which contributes q_len_s tokens and has seq_len_s keys in the cache) sits at
+    position seq_len_s - q_len_s + j and attends to keys 0..that position. Decoding sequences (one
+    query each) run as one batched call with a key-padding mask; prefill chunks run one by one.
+    """
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    gqa = q.shape[1] != k_cache.shape[2]
+    decode = [s for s in range(len(seq_lens)) if query_start_loc[s + 1] - query_start_loc[s] == 1]
+    if decode:
+        rows = torch.tensor([query_start_loc[s] for s in decode], device=q.device)
+        lens = torch.tensor([seq_lens[s] for s in decode], device=q.device)
+        longest = int(lens.max())
+        blocks = block_tables[decode, : -(-longest // block_size)].long()
+        valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # (B, L)
+        # Slots past a sequence's length hold whatever was there (never-written memory may be NaN, and
+        # NaN survives masking): zero them before they meet the queries.
+        keep = valid[:, :, None, None]
+        keys = _gather(k_cache, blocks, longest, q.dtype).where(keep, 0).transpose(1, 2)  # (B, Hkv, L, D)
+        values = _gather(v_cache, blocks, longest, q.dtype).where(keep, 0).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[rows][:, :, None], keys, values, attn_mask=valid[:, None, None, :],
+                                           scale=scale, enable_gqa=gqa)
+        out[rows] = o[:, :, 0]
+    for s, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[s], query_start_loc[s + 1]
+        q_len = end - start
+        if q_len <= 1:
+            continue
+        blocks = block_tables[s, : -(-seq_len // block_size)].long()
+        keys = _gather(k_cache, blocks, seq_len, q.dtype).transpose(0, 1)  # (Hkv, seq_len, D)
+        values = _gather(v_cache, blocks, seq_len, q.dtype).transpose(0, 1)
+        qs = q[start:end].transpose(0, 1)  # (Hq, q_len, D)
+        if q_len == seq_len:  # a prefill from scratch: plain causal
+            o = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:  # bottom-right causal: query j sees keys up to seq_len - q_len + j
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
+            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("afm::paged_attention", mutates_args=("k_cache", "v_cache"))
+def paged_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    use_triton: bool,
+) -> Tensor:
+    """Write this step's keys and values into the cache, then attend: one opaque operator, so that
+    torch.compile fuses the code around it and CUDA graphs capture it whole."""
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if use_triton:
+        from afm.engine.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len
+        )
+    # The reference path loops over sequences on the host.
+    return paged_attention_reference(
+        q, k_cache, v_cache, block_tables, seq_lens.tolist(), query_start_loc.tolist(), scale
+    )
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale,  # noqa: ANN001
+      max_query_len, max_seq_len, use_triton):
+    return torch.empty_like(q)
+
+
+class PagedAttention:
+    """The `AttentionBackend` the engine passes to the model for one step."""
+
+    def __init__(
+        self,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        metadata: AttentionMetadata,
+        scale: float,
+        use_triton: bool,
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.metadata = metadata
+        self.scale = scale
+        self.use_triton = use_triton
+
+    def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # The engine runs one flattened row: (1, T, H, D).
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        md = self.metadata
+        out = paged_attention_op(
+            q[0], k[0], v[0], k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens,
+            md.query_start_loc, self.scale, md.max_query_len, md.max_seq_len, self.use_triton,
+        )
+        return out[None]

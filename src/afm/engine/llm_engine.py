@@ -1,0 +1,333 @@
+"""The engine loop: admit requests, schedule a step, run it, turn sampled tokens into outputs.
+
+`LLMEngine` is synchronous and single-threaded; `afm.LLM` drives it for offline batches and
+`AsyncLLMEngine` runs it in a background thread for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from afm.engine.block_manager import BlockManager
+from afm.engine.config import EngineConfig
+from afm.engine.detokenizer import IncrementalDetokenizer
+from afm.engine.model_runner import ModelRunner
+from afm.engine.request import Logprob, Request, RequestStatus
+from afm.engine.sampling_params import SamplingParams
+from afm.engine.scheduler import Scheduler, SchedulerConfig
+from afm.errors import ConfigError
+from afm.model.hf import load_pretrained, read_generation_config
+from afm.model.transformer import DTYPES, AFMForCausalLM
+from afm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request (a request with n > 1 has n of them)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # Since the previous output of this request (for streaming):
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[Logprob] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    prompt: str | None = None
+
+
+@dataclass
+class _Group:
+    """A user request: its prompt and the n sequences generated for it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None]
+    outputs: list[CompletionOutput]
+    metrics: RequestMetrics
+
+
+class LLMEngine:
+    def __init__(self, model: AFMForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 generation_config: dict[str, Any] | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        mc = model.config
+        max_len = self.config.max_model_len or mc.max_position_embeddings
+        if max_len > mc.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {max_len} exceeds the model's context of {mc.max_position_embeddings} tokens"
+            )
+        self.max_model_len = max_len
+        batched = self.config.max_num_batched_tokens or (8192 if model.device.type == "cuda" else 2048)
+        self.scheduler_config = SchedulerConfig(self.config.max_num_seqs, batched, max_len)
+        self.runner = ModelRunner(model, self.config, max_len, vocab_size=min(tokenizer.vocab_size, mc.vocab_size))
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        eos = set(mc.eos_token_ids) | set(tokenizer.stop_token_ids)
+        self.eos_token_ids = sorted(eos)
+        self.groups: dict[str, _Group] = {}
+        self._ids = itertools.count()
+        # Counters for /metrics.
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self.num_steps = 0
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **engine_args: Any) -> LLMEngine:
+        config = EngineConfig.from_kwargs(**engine_args)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES[config.dtype] if config.dtype else None
+        if config.dtype and config.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        model = load_pretrained(path, device=device, dtype=dtype)
+        tokenizer = Tokenizer.from_pretrained(path)
+        return cls(model, tokenizer, config, read_generation_config(path))
+
+    # ---- capacity -----------------------------------------------------------------------------
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_usable_blocks * self.config.block_size
+
+    def max_concurrency(self, max_model_len: int | None = None) -> float:
+        """How many requests of `max_model_len` tokens the KV cache holds at once (vLLM's figure)."""
+        n = max_model_len or self.max_model_len
+        return self.kv_capacity_tokens / n
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def default_sampling_params(self, **overrides: Any) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt token id(s) {bad[:5]} are outside the vocabulary (size {vocab})")
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise ConfigError(
+                f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: it leaves no room for output"
+            )
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=self.max_model_len - n)
+        elif n + params.max_tokens > self.max_model_len:
+            raise ConfigError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_model_len {self.max_model_len}; lower max_tokens to at most {self.max_model_len - n}"
+            )
+        needed = self.block_manager.blocks_needed(n + params.max_tokens)
+        if needed > self.block_manager.num_usable_blocks:
+            raise ConfigError(
+                f"this request may need {needed} KV blocks, but the cache has only "
+                f"{self.block_manager.num_usable_blocks}; give the KV cache more memory or lower max_tokens"
+            )
+        return params
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None, stream: bool = True) -> str:
+        """Queue a request (text or token ids). Invalid input raises ConfigError before anything is queued.
+
+        With `stream=False` the text is decoded once at the end (unless stop strings need it earlier),
+        which saves the per-token detokenization of offline batches.
+        """
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.groups:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        params = params or self.default_sampling_params()
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, prompt_ids = None, list(prompt)
+        params = self._validate(prompt_ids, params)
+        now = time.monotonic()
+        children, detoks, outs = [], [], []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.clone(
+                n=1, seed=None if params.seed is None else params.seed + i
+            )
+            child = Request(f"{request_id}#{i}" if params.n > 1 else request_id, prompt_ids, child_params,
+                            eos_token_ids=self.eos_token_ids, group_id=request_id, arrival_time=now)
+            children.append(child)
+            detoks.append(
+                IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens,
+                                       params.include_stop_str_in_output)
+                if (stream and params.detokenize) or params.stop else None
+            )
+            outs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None))
+        group = _Group(request_id, text, prompt_ids, children, detoks, outs, RequestMetrics(now))
+        self.groups[request_id] = group
+        for child in children:
+            self.scheduler.add_request(child)
+        self.num_prompt_tokens_total += len(prompt_ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. Returns False if it is unknown or already done."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return False
+        for child in group.children:
+            self.scheduler.abort(child.request_id)
+            self.runner.release(child)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; return an output for every request that advanced."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        results = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        self.num_steps += 1
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for res in results:
+            r = res.request
+            group = self.groups.get(r.group_id or "")
+            if group is None or r.is_finished:
+                continue
+            self._append_token(group, r, res.token_id, res.logprob, now)
+            touched[group.request_id] = group
+        return [self._output(g) for g in touched.values()]
+
+    def _append_token(self, group: _Group, r: Request, token: int, logprob: Logprob | None, now: float) -> None:
+        index = group.children.index(r)
+        out, detok = group.outputs[index], group.detokenizers[index]
+        params = r.sampling_params
+        r.output_token_ids.append(token)
+        self.num_generation_tokens_total += 1
+        if r.first_token_time is None:
+            r.first_token_time = now
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+                group.metrics.first_scheduled_time = r.first_scheduled_time
+        out.token_ids.append(token)
+        out.delta_token_ids.append(token)
+        if logprob is not None and out.logprobs is not None:
+            out.logprobs.append(logprob)
+            out.delta_logprobs.append(logprob)
+        status: RequestStatus | None = None
+        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in r.eos_token_ids)
+        ends_on_stop_token = is_stop_token and r.num_output_tokens > params.min_tokens
+        if ends_on_stop_token:
+            status = RequestStatus.FINISHED_STOPPED
+            r.stop_reason = token if token in params.stop_token_ids else None
+        elif detok is not None:
+            stop = detok.add(token)
+            if stop is not None and r.num_output_tokens >= params.min_tokens:
+                status, r.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is None and (r.num_output_tokens >= (params.max_tokens or 0) or r.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(r, status)
+            self.runner.release(r)
+            out.finish_reason = r.finish_reason
+            out.stop_reason = r.stop_reason
+        if detok is not None:
+            out.delta_text += detok.delta(finished=status is not None)
+            out.text = detok.text if status is not None else detok.text[: detok.streamed]
+        elif status is not None and params.detokenize:  # decoded once, at the end; not a stop token's text
+            ids = out.token_ids[:-1] if ends_on_stop_token else out.token_ids
+            out.text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+            out.delta_text = out.text
+
+    def _output(self, group: _Group) -> RequestOutput:
+        finished = all(o.finished for o in group.outputs)
+        if finished:
+            group.metrics.finished_time = time.monotonic()
+            group.metrics.num_cached_tokens = max(c.num_cached_tokens for c in group.children)
+            group.metrics.num_preemptions = sum(c.num_preemptions for c in group.children)
+            self.groups.pop(group.request_id, None)
+        snapshot = RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=o.index, text=o.text, token_ids=list(o.token_ids),
+                    logprobs=list(o.logprobs) if o.logprobs is not None else None,
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason, delta_text=o.delta_text,
+                    delta_token_ids=o.delta_token_ids, delta_logprobs=o.delta_logprobs,
+                )
+                for o in group.outputs
+            ],
+            finished=finished,
+            metrics=group.metrics,
+            prompt=group.prompt,
+        )
+        for o in group.outputs:
+            o.delta_text, o.delta_token_ids, o.delta_logprobs = "", [], []
+        return snapshot
+
+    # ---- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": bm.usage,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_usable_blocks,
+            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "generation_tokens_total": self.num_generation_tokens_total,
+        }

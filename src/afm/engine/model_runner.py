@@ -1,0 +1,279 @@
+"""The model runner: owns the KV cache, turns a scheduled batch into one forward pass, samples.
+
+A step's tokens (prefill chunks and decodes of many requests) run as one flattened row through the
+same `AFMForCausalLM` the trainer uses, with `PagedAttention` as its attention backend. Only the
+last position of each request that finishes its tokens this step goes through the LM head.
+
+On GPUs, decode-only steps replay CUDA graphs captured for a ladder of batch sizes (the batch is padded
+to the next size; padded rows write into the reserved null block), which removes the per-kernel launch
+cost that otherwise dominates small decode batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from afm.engine.attention import AttentionMetadata, PagedAttention
+from afm.engine.block_manager import NULL_BLOCK
+from afm.engine.config import EngineConfig
+from afm.engine.request import Logprob, Request
+from afm.engine.sampler import Sampler
+from afm.engine.scheduler import SchedulerOutput
+from afm.errors import ConfigError
+from afm.model.transformer import AFMForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(model: AFMForCausalLM, kv_dtype: torch.dtype) -> int:
+    c = model.config
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * torch.empty((), dtype=kv_dtype).element_size()
+
+
+def resolve_kv_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    if config.kv_cache_dtype == "auto":
+        return model_dtype
+    return torch.float8_e4m3fn
+
+
+def graph_batch_sizes(max_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to `max_size` (vLLM's ladder): padding wastes at most 7 rows."""
+    sizes = [s for s in (1, 2, 4) if s <= max_size] + list(range(8, max_size + 1, 8))
+    if max_size not in sizes:
+        sizes.append(max_size)
+    return sizes
+
+
+@dataclass
+class StepResult:
+    request: Request
+    token_id: int
+    logprob: Logprob | None
+
+
+class ModelRunner:
+    def __init__(self, model: AFMForCausalLM, config: EngineConfig, max_model_len: int, vocab_size: int) -> None:
+        self.model = model
+        self.config = config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_model_len = max_model_len
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        mc = model.config
+        self.scale = 1.0 / math.sqrt(mc.head_dim)
+        self.use_triton = self.device.type == "cuda"
+        self.kv_dtype = resolve_kv_dtype(config, self.dtype)
+        self.num_blocks = self._decide_num_blocks()
+        shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        # Slots are always written before they are read. On the CPU, `empty` leaves the pages untouched
+        # until then (a large budget costs nothing up front); GPUs zero theirs in microseconds.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.kv_caches = [
+            (alloc(shape, dtype=self.kv_dtype, device=self.device), alloc(shape, dtype=self.kv_dtype, device=self.device))
+            for _ in range(mc.num_hidden_layers)
+        ]
+        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
+
+    # ---- KV cache sizing ----------------------------------------------------------------------
+
+    @property
+    def bytes_per_block(self) -> int:
+        return kv_bytes_per_token(self.model, self.kv_dtype) * self.block_size
+
+    def _decide_num_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_gib is not None:
+            budget = cfg.kv_cache_memory_gib * 1024**3
+        elif self.device.type == "cuda":
+            budget = self._profile_cuda_budget()
+        else:
+            budget = 2 * 1024**3
+        blocks = int(budget // self.bytes_per_block)
+        if blocks < 2:
+            raise ConfigError(
+                f"the KV cache budget ({budget / 1024**3:.2f} GiB) holds no block of {self.bytes_per_block} bytes; "
+                "raise gpu_memory_utilization or kv_cache_memory_gib"
+            )
+        return blocks
+
+    def _profile_cuda_budget(self) -> float:
+        """gpu_memory_utilization x device memory, minus what is in use and a dummy step's activations."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = self.config.max_num_batched_tokens or 8192
+        with torch.inference_mode():
+            ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+            hidden = self.model.model(ids)
+            self.model.lm_head(hidden[0, -self.config.max_num_seqs :]).float()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        in_use_elsewhere = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.gpu_memory_utilization - peak - in_use_elsewhere
+        del ids, hidden
+        torch.cuda.empty_cache()
+        if budget <= 0:
+            raise ConfigError(
+                f"no GPU memory left for the KV cache (weights and activations take {peak / 1024**3:.1f} GiB of "
+                f"{total / 1024**3:.1f} GiB); raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return budget
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _metadata(self, out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        ids_parts: list[list[int]] = []
+        pos_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+        seq_lens: list[int] = []
+        qsl = [0]
+        sample_rows: list[int] = []
+        S = len(out.scheduled)
+        max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
+        block_tables = np.zeros((S, max_blocks), dtype=np.int32)
+        for i, s in enumerate(out.scheduled):
+            r = s.request
+            start, n = r.num_computed_tokens, s.num_tokens
+            ids_parts.append(r.token_slice(start, start + n))
+            blocks = np.asarray(r.block_ids, dtype=np.int64)
+            block_tables[i, : len(blocks)] = blocks
+            pos = np.arange(start, start + n, dtype=np.int64)
+            pos_parts.append(pos)
+            slot_parts.append(blocks[pos // bs] * bs + pos % bs)
+            seq_lens.append(start + n)
+            qsl.append(qsl[-1] + n)
+            if s.samples:
+                sample_rows.append(qsl[-1] - 1)
+        input_ids = np.fromiter((t for part in ids_parts for t in part), dtype=np.int64, count=qsl[-1])
+        positions = np.concatenate(pos_parts)
+        dev = self.device
+        md = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            max_query_len=max(s.num_tokens for s in out.scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return input_ids, positions, md, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[StepResult]:
+        """Run one scheduled step; return a sampled token for every request that reached its end."""
+        for r in out.preempted:
+            self.sampler.release(r)
+        if out.is_empty:
+            return []
+        sampling = [s.request for s in out.scheduled if s.samples]
+        decode_only = all(s.num_tokens == 1 for s in out.scheduled)
+        graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
+        if graph_bs is not None:
+            logits = self._replay(out, graph_bs)
+        else:
+            input_ids, positions, md, sample_rows = self._metadata(out)
+            dev = self.device
+            ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
+            pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
+            attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
+            hidden = self.model.model(ids_t, pos_t, attention=attention)
+            if not sample_rows:
+                return []
+            rows = torch.tensor(sample_rows, device=dev)
+            logits = self.model.lm_head(hidden[0, rows])
+        if not sampling:
+            return []
+        result = self.sampler.sample(logits.float(), sampling)
+        return [StepResult(r, t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)]
+
+    def release(self, request: Request) -> None:
+        self.sampler.release(request)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------
+
+    def _graph_size(self, batch: int) -> int | None:
+        for size in self.graphs:
+            if size >= batch:
+                return size
+        return None
+
+    def _capture_graphs(self) -> None:
+        max_bs = min(self.config.max_num_seqs, self.config.max_graph_batch_size)
+        dev = self.device
+        self.g_input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slot_mapping = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_block_tables = torch.full((max_bs, self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32, device=dev)
+        self.g_query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_logits: dict[int, Tensor] = {}
+        forward = self._logits_forward
+        if self.config.compile:
+            # One compilation with a symbolic batch size serves every captured size.
+            forward = torch.compile(forward, dynamic=True, fullgraph=True)
+        pool = torch.cuda.graph_pool_handle()
+        sizes = sorted(graph_batch_sizes(max_bs), reverse=True)  # largest first: smaller ones reuse its pool
+        for bs in sizes:
+            md = AttentionMetadata(
+                slot_mapping=self.g_slot_mapping[:bs],
+                query_start_loc=self.g_query_start_loc[: bs + 1],
+                seq_lens=self.g_seq_lens[:bs],
+                block_tables=self.g_block_tables[:bs],
+                max_query_len=1,
+                max_seq_len=self.max_model_len,
+            )
+
+            def run(bs: int = bs, md: AttentionMetadata = md) -> Tensor:
+                attention = PagedAttention(self.kv_caches, md, self.scale, use_triton=True)
+                return forward(self.g_input_ids[:bs][None], self.g_positions[:bs][None], attention)
+
+            run()  # warm up (Triton compilation, cuBLAS handles) outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.g_logits[bs] = run()
+            self.graphs[bs] = graph
+        self.graphs = dict(sorted(self.graphs.items()))
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batch sizes %s", sorted(self.graphs))
+
+    def _logits_forward(self, input_ids: Tensor, positions: Tensor, attention: PagedAttention) -> Tensor:
+        return self.model.lm_head(self.model.model(input_ids, positions, attention=attention)[0])
+
+    def _replay(self, out: SchedulerOutput, graph_bs: int) -> Tensor:
+        n = len(out.scheduled)
+        bs = self.block_size
+        ids = np.zeros(graph_bs, dtype=np.int64)
+        pos = np.zeros(graph_bs, dtype=np.int64)
+        slots = np.zeros(graph_bs, dtype=np.int64)  # padded rows write into the null block
+        lens = np.ones(graph_bs, dtype=np.int32)
+        width = max(len(s.request.block_ids) for s in out.scheduled)
+        tables = np.full((graph_bs, width), NULL_BLOCK, dtype=np.int32)
+        for i, s in enumerate(out.scheduled):
+            r = s.request
+            p = r.num_computed_tokens
+            ids[i] = r.token_id(p)
+            pos[i] = p
+            slots[i] = r.block_ids[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            tables[i, : len(r.block_ids)] = r.block_ids
+        self.g_input_ids[:graph_bs].copy_(torch.from_numpy(ids), non_blocking=True)
+        self.g_positions[:graph_bs].copy_(torch.from_numpy(pos), non_blocking=True)
+        self.g_slot_mapping[:graph_bs].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.g_seq_lens[:graph_bs].copy_(torch.from_numpy(lens), non_blocking=True)
+        self.g_block_tables[:graph_bs, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.g_block_tables[:graph_bs, width:].fill_(NULL_BLOCK)
+        self.graphs[graph_bs].replay()
+        return self.g_logits[graph_bs][:n]

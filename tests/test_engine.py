@@ -1,0 +1,301 @@
+"""The engine against plain full-recompute generation, on the CPU reference attention path."""
+
+import random
+
+import pytest
+import torch
+
+from afm.engine import LLM, SamplingParams
+from afm.errors import ConfigError
+from afm.generate import GenerationSettings, generate_tokens
+from afm.model import build_model
+from afm.tokenizer import train_bpe
+
+from .conftest import tiny_config
+
+CORPUS = ["the cat sat on the mat. " * 30, "def f(x):\n    return x * 2\n" * 30, "0123456789 abc xyz " * 30]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CORPUS, 300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    # float64: batched and unbatched arithmetic then agree far beyond any argmax tie.
+    cfg = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    return build_model(cfg, seed=11).to(torch.float64).eval()
+
+
+def make_llm(model, tokenizer, **kw):
+    if "num_kv_blocks" not in kw:
+        kw.setdefault("kv_cache_memory_gib", 0.02)  # the 2 GiB CPU default is more than tests need
+    return LLM(model=model, tokenizer=tokenizer, **kw)
+
+
+def naive(model, prompt, max_tokens):
+    s = GenerationSettings(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.0)
+    return list(generate_tokens(model, prompt, s))
+
+
+def mixed_prompts(n, seed=0, shared=40):
+    rng = random.Random(seed)
+    system = [rng.randrange(1, 290) for _ in range(shared)]  # a shared "system prompt"
+    prompts = []
+    for i in range(n):
+        tail = [rng.randrange(1, 290) for _ in range(rng.randint(1, 30))]
+        prompts.append(system + tail if i % 2 == 0 else tail)
+    return prompts
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        dict(block_size=16, max_num_batched_tokens=2048),
+        # chunked prefill: a step holds 24 tokens, so prompts are split across steps and mixed with decodes
+        dict(block_size=8, max_num_batched_tokens=24),
+        # forced preemption: a tiny pool of blocks for 36 requests
+        dict(block_size=4, num_kv_blocks=40, max_num_batched_tokens=64),
+    ],
+    ids=["plain", "chunked-prefill", "preemption"],
+)
+def test_greedy_equals_naive_generation(model, tokenizer, engine_args):
+    llm = make_llm(model, tokenizer, max_model_len=160, max_num_seqs=36, **engine_args)
+    prompts = mixed_prompts(36)
+    lengths = [random.Random(i).randint(1, 24) for i in range(36)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(prompts, params)
+    for prompt, n, out in zip(prompts, lengths, outs, strict=True):
+        assert out.outputs[0].token_ids == naive(model, prompt, n)
+        assert out.outputs[0].finish_reason == "length"
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks  # every run ends with all blocks free
+    bm.check_invariants()
+    if "num_kv_blocks" in engine_args:
+        assert llm.engine.scheduler.num_preemptions > 0
+    if engine_args["max_num_batched_tokens"] == 24:
+        assert bm.prefix_hits > 0  # later admissions reuse the shared prefix computed by earlier ones
+
+
+def test_prefix_cache_computes_a_shared_prompt_once(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=200, block_size=8)
+    system = list(range(5, 133))  # 128 tokens = 16 full blocks
+    llm.generate([system + [7]], SamplingParams(temperature=0, max_tokens=2))
+    computed_before = llm.engine.block_manager.prefix_hits
+    outs = llm.generate([system + [9, 10]], SamplingParams(temperature=0, max_tokens=2))
+    assert llm.engine.block_manager.prefix_hits - computed_before == 128
+    assert outs[0].metrics.num_cached_tokens == 128
+    assert outs[0].outputs[0].token_ids == naive(model, system + [9, 10], 2)
+
+
+def test_seed_reproduces_whatever_shares_the_batch(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], p)[0].outputs[0].token_ids
+    noisy = [SamplingParams(temperature=1.0, max_tokens=random.randint(1, 20), ignore_eos=True) for _ in range(7)]
+    together = llm.generate([[1, 2]] * 3 + [[5, 6, 7]] + [[9]] * 4, noisy[:3] + [p] + noisy[3:])
+    assert together[3].outputs[0].token_ids == alone
+    unseeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    a, b = llm.generate([[5, 6, 7]] * 2, unseeded)
+    assert a.outputs[0].token_ids != b.outputs[0].token_ids  # no seed: independent draws
+
+
+def test_sampling_follows_the_distribution(model, tokenizer):
+    """Counter-based sampling draws from softmax(logits / T): compare frequencies with the probabilities."""
+    llm = make_llm(model, tokenizer, max_model_len=64, max_num_seqs=256)
+    prompt = [3, 4, 5]
+    with torch.no_grad():
+        probs = model(torch.tensor([prompt]))[0, -1].float().div(1.5).softmax(-1)
+    outs = llm.generate([prompt] * 2000, SamplingParams(temperature=1.5, max_tokens=1, ignore_eos=True))
+    counts = torch.zeros_like(probs)
+    for o in outs:
+        counts[o.outputs[0].token_ids[0]] += 1
+    top = probs.topk(5).indices
+    assert torch.allclose(counts[top] / 2000, probs[top], atol=0.035)
+
+
+def test_stop_strings_tokens_and_lengths(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    base = llm.generate([[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    text = base.text
+    assert len(text) > 6
+    stop = text[3:6]  # very likely spans a token boundary
+    out = llm.generate([[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    o = out[0].outputs[0]
+    assert o.text == text[: text.index(stop)] and o.finish_reason == "stop" and o.stop_reason == stop
+    keep = llm.generate([[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, stop=[stop],
+                                                       include_stop_str_in_output=True, ignore_eos=True))
+    assert keep[0].outputs[0].text == text[: text.index(stop) + len(stop)]
+    stop_id = base.token_ids[4]
+    o = llm.generate([[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id],
+                                                    ignore_eos=True))[0].outputs[0]
+    first = base.token_ids.index(stop_id)
+    assert o.token_ids == base.token_ids[: first + 1] and o.stop_reason == stop_id
+    assert o.text == tokenizer.decode(base.token_ids[:first])
+
+
+def test_eos_and_min_tokens(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    base = llm.generate([[20, 21]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    eos = base.token_ids[2]
+    llm.engine.eos_token_ids = [eos]  # pretend this token is end-of-sequence
+    try:
+        o = llm.generate([[20, 21]], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+        assert o.token_ids == base.token_ids[:3] and o.finish_reason == "stop"
+        o = llm.generate([[20, 21]], SamplingParams(temperature=0, max_tokens=12, min_tokens=6))[0].outputs[0]
+        assert len(o.token_ids) >= 6 and eos not in o.token_ids[:6]
+    finally:
+        llm.engine.eos_token_ids = sorted(set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids))
+
+
+def test_logprobs_match_the_model(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    prompt = [30, 31, 32, 33]
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True))[0].outputs[0]
+    ids = list(prompt)
+    for lp in o.logprobs:
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]))[0, -1].float().log_softmax(-1)
+        assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=1e-5)
+        assert [t for t, _ in lp.top] == ref.topk(4).indices.tolist()
+        ids.append(lp.token_id)
+
+
+def test_n_sequences_and_penalties(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    out = llm.generate([[1, 2, 3]], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8, ignore_eos=True))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2] and len({tuple(o.token_ids) for o in out.outputs}) > 1
+    greedy = llm.generate([[40, 41]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    penalised = llm.generate([[40, 41]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                        repetition_penalty=5.0))[0]
+    toks = penalised.outputs[0].token_ids
+    assert toks != greedy.outputs[0].token_ids
+    # a strong repetition penalty makes greedy decoding avoid repeats where it can
+    assert len(set(toks)) >= len(set(greedy.outputs[0].token_ids))
+
+
+def test_streaming_deltas_add_up(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    pieces, ids, last = [], [], None
+    for out in llm.stream([7, 8, 9], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)):
+        pieces.append(out.outputs[0].delta_text)
+        ids += out.outputs[0].delta_token_ids
+        last = out
+    assert last.finished and "".join(pieces) == last.outputs[0].text and ids == last.outputs[0].token_ids
+
+
+def test_abort_frees_blocks(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    engine = llm.engine
+    rid = engine.add_request("x", [1, 2, 3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.block_manager.num_usable_blocks
+    assert engine.abort(rid) and not engine.abort(rid)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        (list(range(1, 130)), SamplingParams(max_tokens=1), "max_model_len is 128"),
+        ([1, 2, 3], SamplingParams(max_tokens=126), "exceeds max_model_len 128"),
+        ([], SamplingParams(), "prompt is empty"),
+        ([1, 99999], SamplingParams(), "outside the vocabulary"),
+    ],
+)
+def test_bad_requests_are_refused_and_others_unaffected(model, tokenizer, prompt, params, message):
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    engine = llm.engine
+    engine.add_request("ok", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    with pytest.raises(ConfigError, match=message):
+        engine.add_request("bad", prompt, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert outs[-1].request_id == "ok" and outs[-1].outputs[0].token_ids == naive(model, [1, 2, 3], 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_invalid_sampling_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_come_from_generation_config(model, tokenizer):
+    gen = {"temperature": 0.5, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1, "do_sample": True}
+    llm = LLM(model=model, tokenizer=tokenizer, generation_config=gen, max_model_len=64, num_kv_blocks=16)
+    p = llm.get_default_sampling_params()
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.5, 50, 0.95, 1.1)
+
+
+def test_capacity_report(model, tokenizer):
+    llm = make_llm(model, tokenizer, max_model_len=100, num_kv_blocks=101, block_size=16)
+    assert llm.engine.kv_capacity_tokens == 100 * 16
+    assert llm.engine.max_concurrency() == pytest.approx(16.0)
+
+
+def test_fp8_kv_cache_runs_and_stays_close(model, tokenizer):
+    m32 = build_model(model.config, seed=11).eval()
+    llm = make_llm(m32, tokenizer, max_model_len=64, kv_cache_dtype="fp8")
+    assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    out = llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4, logprobs=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_async_engine_streams_and_aborts(model, tokenizer):
+    import asyncio
+
+    from afm.engine import AsyncLLMEngine
+
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    engine = AsyncLLMEngine(llm.engine)
+
+    async def consume(rid, n, stop_after=None):
+        got = []
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        async for out in engine.generate([3, 4, 5], params, rid):
+            got += out.outputs[0].delta_token_ids
+            if stop_after is not None and len(got) >= stop_after:
+                break  # the client goes away: the request must be aborted
+        return got
+
+    async def main():
+        return await asyncio.gather(consume("a", 12), consume("b", 100, stop_after=3))
+
+    try:
+        full, partial = asyncio.run(main())
+        assert full == naive(model, [3, 4, 5], 12)
+        assert partial == full[: len(partial)] and len(partial) < 100
+        bm = llm.engine.block_manager
+        assert engine.call(lambda e: e.block_manager.num_free_blocks) == bm.num_usable_blocks
+        assert not llm.engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+
+
+def test_unwritten_cache_slots_never_leak_into_outputs(model, tokenizer):
+    """Poison the whole KV cache: every slot attention reads must have been written this run."""
+    llm = make_llm(model, tokenizer, max_model_len=160, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
+    for k, v in llm.engine.runner.kv_caches:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    prompts = mixed_prompts(12, seed=3)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.outputs[0].token_ids == naive(model, p, 10)
