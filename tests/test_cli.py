@@ -77,3 +77,13 @@ def test_init_output_loads_in_transformers(micro):
     with torch.no_grad():
         x = torch.tensor([ids])
         assert (ours(x) - ref(input_ids=x).logits).abs().max() < 1e-4
+
+
+def test_terminal_chat(micro):
+    script = "Hello\n/reset\n/system You are terse.\nHi again\n/bogus\n/quit\n"
+    r = subprocess.run([python(), "-m", "afm", "chat", str(micro), "--max-tokens", "6", "--kv-cache-gib", "0.01"],
+                       input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("afm> ") == 2
+    assert "(conversation reset)" in r.stdout and "(system prompt set; conversation reset)" in r.stdout
+    assert "commands: /reset" in r.stdout

@@ -175,6 +175,77 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# afm serve, afm chat, afm bench serve
+
+
+def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    out = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_cache_memory_gib": args.kv_cache_gib,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enforce_eager": args.enforce_eager,
+        "compile": args.compile,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
+    g.add_argument("--max-num-seqs", type=int, help="most requests in the running batch (default 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 2048 CPU, 8192 GPU)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache dtype (default: the model's)")
+    g.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default: 2 on CPU, by memory on GPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use (default 0.9)")
+    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the decode step")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from afm.serve.server import run_server
+
+    run_server(args.path, host=args.host, port=args.port, api_key=args.api_key,
+               served_model_name=args.served_model_name, drain_timeout=args.drain_timeout,
+               log_level=args.log_level, engine_args=_engine_args(args))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from afm.engine import LLM
+    from afm.serve.chat import chat_loop
+
+    llm = LLM(args.path, **_engine_args(args))
+    params = llm.engine.default_sampling_params(max_tokens=args.max_tokens, temperature=args.temperature,
+                                                seed=args.seed)
+    chat_loop(llm, params, system=args.system)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from afm.io import atomic_write_text
+    from afm.serve.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(base_url=args.base_url.rstrip("/"), model=args.model, concurrency=args.concurrency,
+                      num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
+                      api_key=args.api_key, seed=args.seed, min_token_id=args.min_token_id,
+                      max_token_id=args.max_token_id)
+    summary = asyncio.run(run_bench(cfg))
+    print(format_table(summary))
+    if args.save_result:
+        atomic_write_text(args.save_result, json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["failed"] == 0 else 1
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +289,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context to reserve (default: the model's)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: 2 GiB on CPU)")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API and a web chat page")
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--served-model-name", help="the model name clients use (default: the directory's name)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let running requests finish (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streaming, /reset, /system)")
+    p.add_argument("path", help="checkpoint directory")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer (default 512)")
+    p.add_argument("--temperature", type=float, help="(default: generation_config.json)")
+    p.add_argument("--seed", type=int)
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="benchmarks against a running server (bench serve)")
+    bench = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    b = bench.add_parser("serve", help="load-test an OpenAI-compatible server (afm, vLLM, llama-server)")
+    b.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    b.add_argument("--model", required=True, help="model name the server serves")
+    b.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    b.add_argument("--output-len", type=int, default=64, help="output tokens per request (ignore_eos)")
+    b.add_argument("--api-key")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--min-token-id", type=int, default=10, help="random prompt ids are drawn from [min, max)")
+    b.add_argument("--max-token-id", type=int, default=500)
+    b.add_argument("--save-result", help="write the full results as JSON to this file")
+    b.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -19,7 +19,8 @@ class EngineConfig:
     - `max_num_seqs`: most requests in the running batch; `max_num_batched_tokens`: the per-step token
       budget shared by decodes and prefill chunks (default 2048 on CPU, 8192 on GPU).
     - KV cache size: `num_kv_blocks` (exact, for tests), else `kv_cache_memory_gib`, else on GPUs
-      `gpu_memory_utilization` of the device's memory minus weights and activations (2 GiB on CPU).
+      `gpu_memory_utilization` of the device's memory minus weights and activations; on the CPU 2 GiB,
+      or less when `max_num_seqs` requests of `max_model_len` tokens need less.
     - `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, for GPUs: half the bytes per token).
     - `enforce_eager`: no CUDA graphs for decode batches.
     - `compile`: torch.compile the decode forward (dynamic batch size) before capturing its CUDA graphs,

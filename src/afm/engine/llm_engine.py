@@ -111,6 +111,7 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_steps = 0
+        self.num_aborted = 0
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -168,6 +169,19 @@ class LLMEngine:
             )
         return params
 
+    def check_request(self, prompt: str | list[int], params: SamplingParams | None = None
+                      ) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate a request without queuing it: (prompt text, prompt ids, final params).
+
+        It reads only fixed engine settings, so another thread may call it while the engine steps.
+        """
+        params = params or self.default_sampling_params()
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, prompt_ids = None, list(prompt)
+        return text, prompt_ids, self._validate(prompt_ids, params)
+
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None, stream: bool = True) -> str:
         """Queue a request (text or token ids). Invalid input raises ConfigError before anything is queued.
@@ -178,12 +192,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.groups:
             raise ConfigError(f"request id {request_id!r} is already in use")
-        params = params or self.default_sampling_params()
-        if isinstance(prompt, str):
-            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, prompt_ids = None, list(prompt)
-        params = self._validate(prompt_ids, params)
+        text, prompt_ids, params = self.check_request(prompt, params)
         now = time.monotonic()
         children, detoks, outs = [], [], []
         for i in range(params.n):
@@ -214,6 +223,7 @@ class LLMEngine:
         for child in group.children:
             self.scheduler.abort(child.request_id)
             self.runner.release(child)
+        self.num_aborted += 1
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -330,4 +340,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
+            "aborted_requests_total": self.num_aborted,
         }

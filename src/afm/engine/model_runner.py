@@ -72,11 +72,11 @@ class ModelRunner:
         self.kv_dtype = resolve_kv_dtype(config, self.dtype)
         self.num_blocks = self._decide_num_blocks()
         shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        # Slots are always written before they are read. On the CPU, `empty` leaves the pages untouched
-        # until then (a large budget costs nothing up front); GPUs zero theirs in microseconds.
-        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        # Zeroed, so the whole budget is resident from the start: memory use is what it will stay, and a
+        # budget the machine cannot hold fails now rather than under load.
         self.kv_caches = [
-            (alloc(shape, dtype=self.kv_dtype, device=self.device), alloc(shape, dtype=self.kv_dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(mc.num_hidden_layers)
         ]
         self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device)
@@ -99,7 +99,9 @@ class ModelRunner:
         elif self.device.type == "cuda":
             budget = self._profile_cuda_budget()
         else:
-            budget = 2 * 1024**3
+            # 2 GiB, or less when max_num_seqs full-length requests need less.
+            most = (cfg.max_num_seqs * self.max_blocks_per_seq + 1) * self.bytes_per_block
+            budget = min(2 * 1024**3, most)
         blocks = int(budget // self.bytes_per_block)
         if blocks < 2:
             raise ConfigError(

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server, its metrics and web chat page, and the serving benchmark client."""
