@@ -131,6 +131,17 @@ def test_chat_streaming_matches_plain(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
 
 
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=3, temperature=0, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy: the chosen token is the best
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+
 def test_completions_plain_streaming_n_and_logprobs(client):
     r = client.completions.create(model=MODEL, prompt=["def add(a, b):", "import os"], max_tokens=6, n=2,
                                   temperature=0.8, seed=1, logprobs=3, extra_body={"ignore_eos": True})
