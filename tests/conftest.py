@@ -87,3 +87,40 @@ def extract_member(archive: Path, member_suffix: str) -> Path:
                 tmp.rename(out)
                 return out
     raise FileNotFoundError(f"{member_suffix} not in {archive}")
+
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp through llama-cpp-python: the installed one, or built once from PyPI into the test cache."""
+    import importlib
+    import subprocess
+
+    try:
+        return importlib.import_module("llama_cpp")
+    except ImportError:
+        pass
+    target = CACHE / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+    if not (target / "llama_cpp").exists():
+        wheels = CACHE / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+        if not found:
+            env = {**os.environ, "CMAKE_ARGS": "-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"}
+            cmd = [python(), "-m", "pip", "wheel", "--no-deps", "-w", str(wheels),
+                   f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+            found = sorted(wheels.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}-*.whl"))
+            if result.returncode != 0 or not found:
+                pytest.skip(f"llama-cpp-python could not be built from PyPI: {result.stderr.strip()[-400:]}")
+        cmd = [python(), "-m", "pip", "install", "--no-deps", "--target", str(target), str(found[0]), "diskcache"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.skip(f"llama-cpp-python could not be installed: {result.stderr.strip()[-400:]}")
+    sys.path.insert(0, str(target))
+    try:
+        return importlib.import_module("llama_cpp")
+    except (ImportError, OSError) as e:
+        pytest.skip(f"llama-cpp-python was built but does not load: {e}")

@@ -317,12 +317,13 @@ def test_web_chat_page_streams_a_reply(server):
             page.press("#input", "Enter")
             page.wait_for_selector(".msg.assistant[data-done='true']", timeout=30_000)
             assert page.inner_text(".msg.user span") == "Hello there"
-            reply = page.inner_text(".msg.assistant span")
-            assert reply and not reply.startswith("Error")
+            # (a random model may end its turn at once, so the reply's text can be empty: no error is what counts)
+            assert page.locator(".msg.error").count() == 0
             page.fill("#input", "And again")
             page.click("#send")
             page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='true']\").length == 2",
                                    timeout=30_000)
+            assert page.locator(".msg.error").count() == 0
             page.click("#reset")
             assert page.locator(".msg").count() == 0
         finally:

@@ -23,11 +23,48 @@ def _device_default() -> str:
 # afm info
 
 
+def _gguf_info(path: Path) -> dict[str, Any]:
+    import gguf
+
+    from afm.errors import CheckpointError
+    from afm.quant.gguf_io import config_from_gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid GGUF file ({e})") from e
+    config = config_from_gguf(reader, str(path))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"config": config, "parameters": sum(int(t.n_elements) for t in reader.tensors),
+            "tensor_types": types, "bytes": path.stat().st_size}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from afm.model.config import ModelConfig
     from afm.model.hf import directory_size_bytes, read_generation_config, tensor_summary
 
     path = Path(args.path)
+    if path.suffix == ".gguf":
+        info = _gguf_info(path)
+        c = info["config"]
+        if args.json:
+            print(json.dumps({"path": str(path), "format": "gguf", "architecture": "arcee", **c.to_hf_dict(),
+                              "parameters": info["parameters"], "tensor_types": info["tensor_types"],
+                              "bytes": info["bytes"]}, indent=2))
+            return 0
+        print("\n".join([
+            f"file         {path} (GGUF, architecture arcee)",
+            f"shape        {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size} "
+            f"(ReLU²), heads {c.num_attention_heads} (kv {c.num_key_value_heads}), head_dim {c.head_dim}",
+            f"vocab        {c.vocab_size}, {'tied' if c.tie_word_embeddings else 'untied'} head",
+            f"context      {c.max_position_embeddings} tokens",
+            f"parameters   {info['parameters']:,} ({info['parameters'] / 1e9:.2f}B)",
+            f"tensors      {', '.join(f'{n} {k}' for k, n in sorted(info['tensor_types'].items()))}",
+            f"size         {_human_bytes(info['bytes'])}",
+        ]))
+        return 0
     config = ModelConfig.from_pretrained(path)
     n_params, n_bytes, n_files, dtypes = tensor_summary(path)
     info: dict[str, Any] = {
@@ -246,6 +283,44 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# afm export-gguf, afm quantize
+
+
+def _load_float_source(path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from a Hugging Face checkpoint directory or an unquantized GGUF file."""
+    from afm.model.hf import load_pretrained
+    from afm.tokenizer import Tokenizer
+
+    if Path(path).suffix == ".gguf":
+        from afm.quant.gguf_io import load_gguf
+
+        loaded = load_gguf(path)
+        if loaded.file_type not in ("f32", "f16"):
+            raise AFMError(f"{path} is already quantized ({loaded.file_type}); quantize from the float checkpoint")
+        return loaded.model, loaded.tokenizer
+    return load_pretrained(path), Tokenizer.from_pretrained(path)
+
+
+def _write_gguf(src: str, out: str, out_type: str) -> int:
+    from afm.quant.gguf_io import export_gguf
+
+    t0 = time.time()
+    model, tokenizer = _load_float_source(src)
+    path = export_gguf(model, tokenizer, out, out_type, name=Path(src).stem)
+    size = path.stat().st_size
+    print(f"wrote {path} ({out_type}, {_human_bytes(size)}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    return _write_gguf(args.path, args.out, args.type)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    return _write_gguf(args.path, args.out, args.type)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     p = sub.add_parser("info", help="show a checkpoint's config, parameter count, dtype and size on disk")
-    p.add_argument("path", help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("path", help="checkpoint directory (Hugging Face layout) or .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
@@ -289,8 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context to reserve (default: the model's)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV cache size (default: 2 GiB on CPU)")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API and a web chat page")
+    p = sub.add_parser("export-gguf", help="convert a checkpoint to a GGUF file (arcee) that llama.cpp runs")
     p.add_argument("path", help="checkpoint directory")
+    p.add_argument("out", help="output .gguf file")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"], help="weight type (default f16)")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint (or an f16/f32 GGUF) to a Q8_0 or Q4_0 GGUF file")
+    p.add_argument("path", help="checkpoint directory or unquantized .gguf file")
+    p.add_argument("--type", required=True, choices=["q8_0", "q4_0"], help="quantization type")
+    p.add_argument("out", help="output .gguf file")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API and a web chat page")
+    p.add_argument("path", help="checkpoint directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")

@@ -122,6 +122,13 @@ class LLMEngine:
         dtype = DTYPES[config.dtype] if config.dtype else None
         if config.dtype and config.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        if Path(path).suffix == ".gguf":
+            from afm.model.hf import AFM_SAMPLING
+            from afm.quant.gguf_io import load_gguf
+
+            loaded = load_gguf(path, device=device, dtype=dtype or torch.float32)
+            # GGUF files carry no sampling defaults: AFM's recommended ones apply.
+            return cls(loaded.model, loaded.tokenizer, config, {**AFM_SAMPLING, "do_sample": True})
         model = load_pretrained(path, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_pretrained(path)
         return cls(model, tokenizer, config, read_generation_config(path))

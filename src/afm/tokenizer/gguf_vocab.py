@@ -108,3 +108,67 @@ def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
     except (ValueError, OSError) as e:
         raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from e
     return tokenizer_from_gguf_fields(reader.fields, str(path))
+
+
+def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
+    """The llama.cpp pre-tokenizer that splits text as this tokenizer.json's pre_tokenizer does."""
+    def flatten(node: dict[str, Any] | None) -> list[dict[str, Any]]:
+        if not node:
+            return []
+        if node.get("type") == "Sequence":
+            return [n for child in node.get("pretokenizers", []) for n in flatten(child)]
+        return [node]
+
+    steps = flatten(spec)
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = steps[0].get("pattern", {})
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        for name, (known, _) in PRE_TOKENIZERS.items():
+            if regex == known and name != "llama3":
+                return name
+    raise TokenizerError(
+        f"the tokenizer's pre-tokenizer ({kinds}) has no llama.cpp equivalent that afm knows; "
+        f"GGUF export supports the GPT-2 and Llama-3 byte-level BPE pre-tokenizers"
+    )
+
+
+def tokenizer_to_gguf_fields(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` fields for a byte-level BPE `Tokenizer`, padded to `vocab_size` tokens."""
+    import json
+
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"GGUF export supports byte-level BPE tokenizers, not {model.get('type')!r}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    size = max(vocab.values()) + 1
+    if size > vocab_size:
+        raise TokenizerError(f"the tokenizer has {size} tokens but the model's vocabulary only {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [TOKEN_UNUSED] * vocab_size
+    for token, idx in vocab.items():
+        tokens[idx], types[idx] = token, TOKEN_NORMAL
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    post = json.dumps(spec.get("post_processor") or {})
+    bos = tokenizer.special_tokens.get("bos_token")
+    fields: dict[str, Any] = {
+        "model": "gpt2",
+        "pre": _pre_tokenizer_name(spec.get("pre_tokenizer")),
+        "tokens": tokens,
+        "token_types": types,
+        "merges": merges,
+        "add_bos_token": bool(bos) and f'"{bos}"' in post,
+        "chat_template": tokenizer.chat_template,
+    }
+    for key in ("bos", "eos", "pad", "unk"):
+        idx = tokenizer._special_id(f"{key}_token")
+        if idx is not None:
+            fields[f"{key}_token_id"] = idx
+    return fields

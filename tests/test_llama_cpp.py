@@ -1,0 +1,104 @@
+"""GGUF export proven with llama.cpp itself (through llama-cpp-python, built from PyPI when missing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from afm.engine import LLM, SamplingParams
+from afm.model import YarnScaling, build_model
+from afm.quant.gguf_io import export_gguf, load_gguf
+from afm.tokenizer import train_bpe
+
+from .conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+        "def add(a, b):\n    return a + b\n")
+PROMPTS = ["The quick brown", "A stitch", "def add(a, b):"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny AFM (YaRN, GQA) fitted to a short text, so its greedy continuations are confident."""
+    tok = train_bpe([TEXT * 20], 300)
+    config = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128))
+    model = build_model(config, seed=0)
+    ids = torch.tensor([tok.encode(TEXT * 4)[:256]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(250):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    model.eval()
+    out = tmp_path_factory.mktemp("gguf")
+    paths = {t: export_gguf(model, tok, out / f"tiny-{t}.gguf", t) for t in ("f32", "f16", "q8_0", "q4_0")}
+    return model, tok, paths
+
+
+def llama(llama_cpp, path):
+    return llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, seed=0)
+
+
+def llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def test_llama_cpp_tokenizes_like_afm(llama_cpp, trained):
+    _, tok, paths = trained
+    llm = llama(llama_cpp, paths["f32"])
+    for text in [TEXT, "Hello, World! 123 4567", "  spaces\tand\nnewlines  ", "Ünïcödé 🦙"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == tok.encode(text)
+        assert llm.detokenize(tok.encode(text, add_special_tokens=False)).decode() == text
+
+
+@pytest.mark.parametrize("gguf_type, tolerance", [("f32", 1e-3), ("f16", 2e-2)])
+def test_float_logits_match(llama_cpp, trained, gguf_type, tolerance):
+    model, tok, paths = trained
+    ids = tok.encode(TEXT)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].numpy()
+    theirs = llama_logits(llama(llama_cpp, paths[gguf_type]), ids)
+    assert np.abs(ours - theirs).max() <= tolerance * max(1.0, np.abs(ours).max())
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+def test_quantized_logits_match_within_quantization_error(llama_cpp, trained, gguf_type):
+    model, tok, paths = trained
+    ids = tok.encode(TEXT)
+    with torch.no_grad():
+        exact = model(torch.tensor([ids]))[0].numpy()
+        ours = load_gguf(paths[gguf_type]).model(torch.tensor([ids]))[0].numpy()
+    theirs = llama_logits(llama(llama_cpp, paths[gguf_type]), ids)
+    quant_error = np.linalg.norm(ours - exact)
+    assert quant_error > 0
+    # llama.cpp and afm run the same quantized weights (llama.cpp also keeps its KV cache in float16 and
+    # quantizes activations its own way): they differ by less than the quantization error itself, and
+    # llama.cpp is as far from the unquantized model as afm is, within tolerance.
+    assert np.linalg.norm(theirs - ours) < quant_error
+    assert np.linalg.norm(theirs - exact) < 1.5 * quant_error
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_0"])
+def test_greedy_continuations_agree(llama_cpp, trained, gguf_type):
+    _, tok, paths = trained
+    llm = llama(llama_cpp, paths[gguf_type])
+    ours = LLM(paths[gguf_type], kv_cache_memory_gib=0.01, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        afm_out = ours.generate([ids], params)[0].outputs[0].token_ids
+        llm.reset()
+        lc_out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            lc_out.append(token)
+            if len(lc_out) == 16:
+                break
+        assert afm_out == lc_out, prompt
