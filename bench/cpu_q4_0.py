@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+CONTEXT = 1024
 PROMPT_LEN = 512
 GEN_LEN = 128
 CONCURRENT = 4
@@ -60,8 +61,10 @@ def run_afm(gguf_path: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     t0 = time.time()
+    # The same KV capacity as llama.cpp's context below (1024 tokens, shared by all sequences), keys and
+    # values in bfloat16 (afm's default for GGUF models; llama.cpp keeps float16).
     llm = LLM(str(gguf_path), max_model_len=1024, max_num_seqs=CONCURRENT, max_num_batched_tokens=PROMPT_LEN,
-              kv_cache_memory_gib=0.5)
+              num_kv_blocks=CONTEXT // 16 + 1)
     load_s = time.time() - t0
     vocab = llm.engine.model.config.vocab_size
     greedy = dict(temperature=0.0, ignore_eos=True, detokenize=False)
@@ -74,7 +77,8 @@ def run_afm(gguf_path: Path, threads: int) -> dict:
     outs = llm.generate([prompt_ids(CONCURRENT_PROMPT, vocab, 10 + i) for i in range(CONCURRENT)],
                         SamplingParams(max_tokens=CONCURRENT_GEN + 1, **greedy))
     per_seq = [CONCURRENT_GEN / (o.metrics.finished_time - o.metrics.first_token_time) for o in outs]
-    return {"engine": "afm", "kernels": kernels.available(), "load_s": load_s, "pp512_tok_s": pp, "tg128_tok_s": tg,
+    return {"engine": "afm", "kernels": kernels.isa() if kernels.available() else None, "load_s": load_s,
+            "kv_cache_dtype": str(llm.engine.runner.kv_dtype), "pp512_tok_s": pp, "tg128_tok_s": tg,
             "concurrent4_tok_s_per_seq": sum(per_seq) / len(per_seq), "peak_rss_bytes": vm_hwm_bytes()}
 
 
@@ -85,7 +89,7 @@ def run_llama(gguf_path: Path, threads: int) -> dict:
     import llama_cpp
 
     t0 = time.time()
-    llm = llama_cpp.Llama(str(gguf_path), n_ctx=1024, n_batch=PROMPT_LEN, n_ubatch=PROMPT_LEN, n_threads=threads,
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=CONTEXT, n_batch=PROMPT_LEN, n_ubatch=PROMPT_LEN, n_threads=threads,
                           n_threads_batch=threads, verbose=False, logits_all=False)
     load_s = time.time() - t0
     vocab = llm.n_vocab()
@@ -227,7 +231,8 @@ def main() -> None:
         if not dst.exists():
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                             f"import cpu_q4_0 as b; from pathlib import Path; "
-                            f"b.llama_quantize(Path({str(files['f16'])!r}), Path({str(dst)!r}), {pure})"], check=True)
+                            f"b.llama_quantize(Path({str(files['f16'])!r}), Path({str(dst)!r}), {pure})"],
+                           check=True, capture_output=True)
         sizes[f"llama_q4_0{'_pure' if pure else ''}_bytes"] = dst.stat().st_size
     results = {"sizes": sizes, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     for engine in ("llama", "afm"):

@@ -113,8 +113,10 @@ def test_quantized_import_runs_the_stored_blocks(tmp_path, model, tokenizer, qty
     assert loaded.file_type == qtype
     q = loaded.model.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "QuantLinear" and q.qweight.dtype == torch.uint8
-    # The stored blocks dequantize to the quantized weights of the original (rows un-permuted).
-    ref = dequantize(q.qweight.numpy(), QuantType(qtype))
+    # The mapped blocks (rows in ggml's RoPE order) dequantize to the original's weights once the layer's
+    # output order is applied.
+    assert q.output_order is not None
+    ref = dequantize(q.qweight.numpy(), QuantType(qtype))[q.output_order.numpy()]
     w = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     assert np.abs(ref - w).max() < (0.01 if qtype == "q8_0" else 0.2) * np.abs(w).max()
     ids = torch.tensor([tokenizer.encode("hello world, this is afm.")])

@@ -238,7 +238,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's context)")
     g.add_argument("--max-num-seqs", type=int, help="most requests in the running batch (default 256)")
     g.add_argument("--max-num-batched-tokens", type=int, help="tokens per step (default 2048 CPU, 8192 GPU)")
-    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], help="KV cache dtype (default: the model's)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float16", "float32", "fp8"],
+                   help="KV cache dtype (default: the model's; bfloat16 for quantized GGUF files)")
     g.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default: 2 on CPU, by memory on GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use (default 0.9)")
     g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")

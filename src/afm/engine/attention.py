@@ -78,14 +78,18 @@ def paged_attention_reference(
         lens = torch.tensor([seq_lens[s] for s in decode], device=q.device)
         longest = int(lens.max())
         blocks = block_tables[decode, : -(-longest // block_size)].long()
-        valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # (B, L)
-        # Slots past a sequence's length hold whatever was there (never-written memory may be NaN, and
-        # NaN survives masking): zero them before they meet the queries.
-        keep = valid[:, :, None, None]
-        keys = _gather(k_cache, blocks, longest, q.dtype).where(keep, 0).transpose(1, 2)  # (B, Hkv, L, D)
-        values = _gather(v_cache, blocks, longest, q.dtype).where(keep, 0).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[rows][:, :, None], keys, values, attn_mask=valid[:, None, None, :],
-                                           scale=scale, enable_gqa=gqa)
+        keys = _gather(k_cache, blocks, longest, q.dtype)  # (B, L, Hkv, D)
+        values = _gather(v_cache, blocks, longest, q.dtype)
+        mask = None
+        if any(seq_lens[s] != longest for s in decode):
+            valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # (B, L)
+            # Slots past a sequence's length hold whatever was there (never-written memory may be NaN, and
+            # NaN survives masking): zero them before they meet the queries.
+            keys = keys.where(valid[:, :, None, None], 0)
+            values = values.where(valid[:, :, None, None], 0)
+            mask = valid[:, None, None, :]
+        o = F.scaled_dot_product_attention(q[rows][:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o[:, :, 0]
     for s, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[s], query_start_loc[s + 1]
@@ -162,6 +166,13 @@ class PagedAttention:
         # The engine runs one flattened row: (1, T, H, D).
         k_cache, v_cache = self.kv_caches[layer_idx]
         md = self.metadata
+        if not self.use_triton:
+            # Eager reference path: called directly, since the custom operator's dispatch costs more than
+            # the attention itself for small CPU batches.
+            write_kv(k[0], v[0], k_cache, v_cache, md.slot_mapping)
+            out = paged_attention_reference(q[0], k_cache, v_cache, md.block_tables, md.seq_lens.tolist(),
+                                            md.query_start_loc.tolist(), self.scale)
+            return out[None]
         out = paged_attention_op(
             q[0], k[0], v[0], k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens,
             md.query_start_loc, self.scale, md.max_query_len, md.max_seq_len, self.use_triton,

@@ -8,7 +8,7 @@ from typing import Any
 
 from afm.errors import ConfigError
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -21,7 +21,8 @@ class EngineConfig:
     - KV cache size: `num_kv_blocks` (exact, for tests), else `kv_cache_memory_gib`, else on GPUs
       `gpu_memory_utilization` of the device's memory minus weights and activations; on the CPU 2 GiB,
       or less when `max_num_seqs` requests of `max_model_len` tokens need less.
-    - `kv_cache_dtype`: "auto" (the model's dtype) or "fp8" (e4m3, for GPUs: half the bytes per token).
+    - `kv_cache_dtype`: "auto" (the model's dtype; bfloat16 for quantized GGUF models, as llama.cpp keeps
+      16-bit caches), a dtype name, or "fp8" (e4m3, for GPUs: half the bytes of bf16 per token).
     - `enforce_eager`: no CUDA graphs for decode batches.
     - `compile`: torch.compile the decode forward (dynamic batch size) before capturing its CUDA graphs,
       which fuses the norms, rotary embeddings and activations into a few kernels per layer.

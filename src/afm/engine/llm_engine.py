@@ -127,6 +127,8 @@ class LLMEngine:
             from afm.quant.gguf_io import load_gguf
 
             loaded = load_gguf(path, device=device, dtype=dtype or torch.float32)
+            if config.kv_cache_dtype == "auto" and loaded.file_type != "f32":
+                config.kv_cache_dtype = "bfloat16"  # 16-bit keys and values, as llama.cpp keeps them
             # GGUF files carry no sampling defaults: AFM's recommended ones apply.
             return cls(loaded.model, loaded.tokenizer, config, {**AFM_SAMPLING, "do_sample": True})
         model = load_pretrained(path, device=device, dtype=dtype)

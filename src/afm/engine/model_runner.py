@@ -37,9 +37,12 @@ def kv_bytes_per_token(model: AFMForCausalLM, kv_dtype: torch.dtype) -> int:
 
 
 def resolve_kv_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
-    if config.kv_cache_dtype == "auto":
+    name = config.kv_cache_dtype
+    if name == "auto":
         return model_dtype
-    return torch.float8_e4m3fn
+    if name.startswith("fp8"):
+        return torch.float8_e4m3fn
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def graph_batch_sizes(max_size: int) -> list[int]:

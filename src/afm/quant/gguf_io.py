@@ -9,7 +9,7 @@ head on the way out (and back on the way in), as llama.cpp's own converter does.
 
 Tensors are quantized and written one at a time, so exporting needs memory for one tensor beyond the
 (memory-mapped) source model. Import keeps quantized weights as zero-copy views of the memory-mapped
-file.
+file (the q and k layers reorder their outputs instead of their rows).
 """
 
 from __future__ import annotations
@@ -315,8 +315,6 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         hf_name = names[gg_name]
         found.add(gg_name)
         heads = _rope_heads(gg_name, config)
-        if heads is not None:
-            data = from_adjacent_pairs(np.asarray(data), heads)  # a copy: q and k rows are reordered
         module_name, _, _ = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
         expected = tuple(module.weight.shape)
@@ -331,11 +329,15 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
             if isinstance(module, nn.Embedding):
                 new: nn.Module = QuantEmbedding(weight, q, shape[1])
             else:
-                new = QuantLinear(weight, q, shape[1], shape[0])
+                # q and k rows stay in ggml's RoPE order in the mapped file; the layer reorders its outputs.
+                order = None if heads is None else torch.from_numpy(from_adjacent_pairs(np.arange(rows), heads))
+                new = QuantLinear(weight, q, shape[1], shape[0], output_order=order)
             parent_name, _, attr = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
         else:
             array = np.asarray(data)
+            if heads is not None:
+                array = from_adjacent_pairs(array, heads)
             if ggml_type == t.BF16:
                 tensor = _readonly_tensor(array.view(np.int16)).view(torch.bfloat16)
             else:

@@ -30,7 +30,10 @@ def dequantize_rows(qweight: Tensor, qtype: QuantType, in_features: int) -> Tens
 class QuantLinear(nn.Module):
     """y = x @ dequant(W).T for W stored as (out_features, in_features / 32 * block bytes) uint8."""
 
-    def __init__(self, qweight: Tensor, qtype: QuantType, in_features: int, out_features: int) -> None:
+    def __init__(self, qweight: Tensor, qtype: QuantType, in_features: int, out_features: int,
+                 output_order: Tensor | None = None) -> None:
+        """`output_order`, if given, reorders the outputs (`y[..., i] = (x @ W.T)[..., output_order[i]]`):
+        it lets a GGUF file's q and k matrices, whose rows are in ggml's RoPE order, be used in place."""
         super().__init__()
         if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (out_features, in_features // 32 * qtype.block_bytes):
             raise ValueError(
@@ -38,6 +41,7 @@ class QuantLinear(nn.Module):
                 f"{(out_features, in_features // 32 * qtype.block_bytes)}, got {qweight.dtype} {tuple(qweight.shape)}"
             )
         self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("output_order", output_order, persistent=False)
         self.qtype = qtype
         self.in_features = in_features
         self.out_features = out_features
@@ -49,6 +53,8 @@ class QuantLinear(nn.Module):
             out = kernels.linear_q4_0(x, self.qweight) if self.qtype is QuantType.Q4_0 else kernels.linear_q8_0(x, self.qweight)
         else:
             out = kernels.reference_linear(x, self.qweight, self.qtype)
+        if self.output_order is not None:
+            out = out.index_select(-1, self.output_order)
         return out.to(dtype)
 
     def extra_repr(self) -> str:
