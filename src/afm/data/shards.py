@@ -14,6 +14,8 @@ and resumable from a saved position.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ class ShardWriter:
         self._size = 0
         self.shards: list[dict[str, Any]] = []
         self.documents = 0
+        self.total_tokens = 0
 
     def add(self, ids: list[int]) -> None:
         if not ids:
@@ -57,6 +60,7 @@ class ShardWriter:
         self._starts.append(self._size)
         self._tokens.append(arr.astype(self.dtype))
         self._size += len(arr)
+        self.total_tokens += len(arr)
         self.documents += 1
         if self._size >= self.shard_tokens:
             self._flush()
@@ -93,12 +97,17 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Any, out_dir: str | Path
         raise AFMError("the tokenizer has no eos token; shards need one to separate documents")
     writer = ShardWriter(out_dir, vocab_size or tokenizer.vocab_size, eos, shard_tokens)
     pending: list[str] = []
+    t0 = last = time.time()
     for text in texts:
         pending.append(text)
         if len(pending) == batch:
             for ids in tokenizer.encode_batch(pending):
                 writer.add(ids)
             pending = []
+            if time.time() - last > 5:  # long runs say how far they are
+                last = time.time()
+                print(f"[tokenize] {writer.documents:,} documents, {writer.total_tokens:,} tokens, "
+                      f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     for ids in tokenizer.encode_batch(pending) if pending else []:
         writer.add(ids)
     return writer.close(meta)
