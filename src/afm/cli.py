@@ -368,7 +368,8 @@ def cmd_data_mix(args: argparse.Namespace) -> int:
     mixture = load_mixture_file(args.mixture) if args.mixture.endswith(".json") else get_mixture(args.mixture)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     plan = plan_mixture(files, mixture, total_chars=args.total_chars, seed=args.seed)
-    index = tokenize_documents((d.text for d in iter_mixture(plan)), tokenizer, args.out, meta={"mix": plan.to_json()})
+    index = tokenize_documents((d.text for d in iter_mixture(plan)), tokenizer, args.out,
+                               meta={"mix": plan.to_json(), "tokenizer": str(Path(args.tokenizer).resolve())})
     print(f"{args.out}: {index['tokens']:,} tokens in {index['documents']:,} documents, "
           f"{len(index['shards'])} shard(s) ({index['dtype']})", file=sys.stderr)
     return 0
@@ -384,6 +385,28 @@ def cmd_data_rephrase(args: argparse.Namespace) -> int:
     docs = (d for i, d in enumerate(read_jsonl(args.input)) if args.limit is None or i < args.limit)
     n = write_jsonl(args.out, rephrase(docs, llm, config))
     print(f"wrote {n} rephrased documents to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm train, afm plot
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from afm.train.config import load_recipe
+    from afm.train.loop import train
+
+    config = load_recipe(args.recipe, args.overrides)
+    summary = train(config)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from afm.train.plot import plot_run
+
+    for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
+        print(path)
     return 0
 
 
@@ -442,6 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True, choices=["q8_0", "q4_0"], help="quantization type")
     p.add_argument("out", help="output .gguf file")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("train", help="train from a recipe: pre-training, mid-training, context extension",
+                       description="afm train RECIPE [--key value ...]; e.g. --phases.0.steps 100 --optim.lr 1e-3. "
+                                   "Run under torchrun for several processes.")
+    p.add_argument("recipe", help="a recipe name (recipes/NAME.yaml) or a .yaml file")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--dotted.key value pairs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="draw a run's loss curves (and learning rate) to PNG")
+    p.add_argument("run_dir", help="a training run directory (with metrics.jsonl)")
+    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("data", help="data: fetch the starter corpus, curate, mix and tokenize, rephrase")
     data = p.add_subparsers(dest="data_command", metavar="DATA", required=True)

@@ -129,7 +129,7 @@ class TokenLoader:
     """
 
     def __init__(self, directory: str | Path, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True) -> None:
+                 world_size: int = 1, shuffle: bool = True, holdout: int = 0, split: str = "train") -> None:
         self.dir = Path(directory)
         index_path = self.dir / INDEX
         if not index_path.exists():
@@ -149,7 +149,12 @@ class TokenLoader:
         self.offsets = np.asarray(offsets)  # where each shard starts in the concatenated stream
         self.total = int(offsets[-1])
         self.starts = np.concatenate(doc_starts) if doc_starts else np.zeros(0, dtype=np.int64)
-        self.num_windows = (self.total - 1) // seq_len
+        all_windows = (self.total - 1) // seq_len
+        if split not in ("train", "eval") or holdout < 0 or (holdout and holdout >= all_windows):
+            raise AFMError(f"split must be train or eval and holdout in [0, {all_windows}), got {split!r}, {holdout}")
+        # The last `holdout` windows never train: they are the held-out evaluation set.
+        self.first_window = all_windows - holdout if split == "eval" else 0
+        self.num_windows = holdout if split == "eval" else all_windows - holdout
         global_batch = batch_size * world_size
         if self.num_windows < global_batch:
             raise AFMError(
@@ -162,8 +167,8 @@ class TokenLoader:
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(self.num_windows)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            return self.first_window + np.arange(self.num_windows)
+        return self.first_window + np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 
     def _read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the concatenated shards, crossing shard boundaries."""
@@ -199,9 +204,15 @@ class TokenLoader:
             self.step_in_epoch = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
+        """The position as windows consumed by all ranks together, so any world size can resume it."""
+        windows = self.step_in_epoch * self.batch_size * self.world_size
+        return {"epoch": self.epoch, "windows_done": windows, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise AFMError(f"the saved loader used seed {state['seed']}, this one {self.seed}")
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        per_step = self.batch_size * self.world_size
+        if state["windows_done"] % per_step:
+            raise AFMError(f"the saved position ({state['windows_done']} sequences) is not a whole number of "
+                           f"steps of {per_step}; resume with the same global batch")
+        self.epoch, self.step_in_epoch = int(state["epoch"]), state["windows_done"] // per_step

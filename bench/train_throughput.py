@@ -1,0 +1,146 @@
+"""Training throughput: afm's training step against transformers' on the same shapes, one run.
+
+Builds an afm model with AFM-4.5B's block shape (hidden 2560, 20/4 heads, head_dim 128, intermediate
+18432, vocab 128004) and as many layers as `--layers` (on one GPU, as many of the 36 as fit), then
+times full training steps (forward, backward, fused AdamW) at batch x seq tokens per step:
+
+- afm eager and afm with torch.compile (per decoder layer), bf16 autocast over fp32 master weights;
+- the plain transformers step: `ArceeForCausalLM` in bf16 with SDPA and fused AdamW, the baseline.
+
+Reports tokens/s, achieved TFLOP/s and MFU (FLOPs per token from `afm.train.flops`, the device's
+datasheet bf16 peak) for each, and the ratio to transformers.
+
+    # GPU:
+    python bench/train_throughput.py --layers 12 --seq 4096 --batch 1 --steps 20
+    # CPU smoke test (tiny shape):
+    python bench/train_throughput.py --preset afm-micro --seq 64 --batch 2 --steps 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from afm.model import build_model, get_preset  # noqa: E402
+from afm.train.flops import peak_flops, training_flops_per_token  # noqa: E402
+from afm.train.loop import param_groups  # noqa: E402
+
+
+def timed_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def afm_step_fn(model, batch: torch.Tensor, bf16: bool):
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=batch.device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_step_fn(config, batch: torch.Tensor, device: torch.device):
+    import transformers
+
+    hf_config = transformers.ArceeConfig(
+        **{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")},
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        model = transformers.ArceeForCausalLM(hf_config).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="afm-4.5b")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default="afm,afm-compile,transformers")
+    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT") else None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    config = get_preset(args.preset)
+    if args.layers:
+        config = config.replace(num_hidden_layers=args.layers)
+    config = config.replace(max_position_embeddings=max(config.max_position_embeddings, args.seq), rope_scaling=None)
+    bf16 = device.type == "cuda"
+    tokens = args.batch * args.seq
+    flops_token = training_flops_per_token(config, args.seq)
+    peak = peak_flops(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
+               "params": config.num_parameters(), "flops_per_token": flops_token, "runs": {}}
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}), flush=True)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
+    for variant in args.variants.split(","):
+        try:
+            if variant == "transformers":
+                step, model = hf_step_fn(config, batch, device)
+            else:
+                model = build_model(config.replace(dtype="float32"), device, torch.float32, seed=0).train()
+                if variant == "afm-compile":
+                    for layer in model.model.layers:
+                        layer.compile()
+                step = afm_step_fn(model, batch, bf16)
+            seconds = timed_steps(step, args.steps, args.warmup, device)
+            tok_s = tokens / seconds
+            tflops = tok_s * flops_token / 1e12
+            row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
+                   "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+            results["runs"][variant] = row
+            print(f"{variant:14} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
+                  + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else ""), flush=True)
+            del model, step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+        except Exception:
+            traceback.print_exc()
+    base = results["runs"].get("transformers")
+    if base:
+        for name, row in results["runs"].items():
+            if name != "transformers":
+                print(f"{name} / transformers: {row['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The training loop: one loop for every phase (pre-training, mid-training, context extension, SFT).
+
+Per optimizer step: the global batch is split over ranks and micro-batches (gradient accumulation),
+the loss is token-level cross-entropy over every target that is not ignored (-100), gradients are
+clipped by their global norm, AdamW steps with the phase's scheduled learning rate. Every step logs
+loss, gradient norm, learning rate, tokens/s, MFU and memory to `metrics.jsonl` (and TensorBoard on
+request) and a progress line; every `eval_every` steps the held-out loss; every `checkpoint_every`
+steps and at the end of each phase a checkpoint that resumes exactly; at the end of each phase an
+export in the Hugging Face layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from afm.data.shards import Batch, TokenLoader
+from afm.errors import ConfigError
+from afm.io import atomic_write_text
+from afm.model.config import ModelConfig, YarnScaling, get_preset
+from afm.model.hf import load_pretrained, save_pretrained
+from afm.model.transformer import AFMForCausalLM, build_model
+from afm.train import checkpoint
+from afm.train.config import PhaseSpec, TrainConfig, phase_steps, to_dict, validate
+from afm.train.flops import peak_flops, training_flops_per_token
+from afm.train.parallel import DistInfo, all_reduce_mean, parallelize, setup_distributed, teardown_distributed
+from afm.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_model(config: TrainConfig, device: torch.device) -> AFMForCausalLM:
+    """A fresh model from the preset (fp32 master weights) or a checkpoint to continue from."""
+    if config.model.init_from:
+        model = load_pretrained(config.model.init_from, device=device, dtype=torch.float32)
+    else:
+        mc = get_preset(config.model.preset or "afm-nano")
+        if config.model.overrides:
+            mc = mc.replace(**config.model.overrides)
+        model = build_model(mc.replace(dtype="float32"), device, torch.float32, seed=config.seed)
+    return model.train()
+
+
+def extend_context(model: AFMForCausalLM, ext: Any) -> None:
+    """Switch RoPE to YaRN scaling for a longer context (the frequencies are recomputed; no weights change)."""
+    config = model.config.replace(
+        rope_scaling=YarnScaling(factor=ext.factor, original_max_position_embeddings=ext.original_max_position_embeddings),
+        max_position_embeddings=ext.max_position_embeddings,
+    )
+    model.config = config
+    model.model.config = config
+    model.model.rotary_emb.config = config
+    model.model.rotary_emb.reset_parameters()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (projections, embeddings, head); none on norms."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def token_loss(model: nn.Module, batch: Batch, device: torch.device, autocast: bool, document_mask: bool = True
+               ) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's non-ignored targets, and how many there are."""
+    inputs = batch.inputs.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
+    docs = batch.document_ids.to(device, non_blocking=True) if document_mask else None
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        logits = model(inputs, document_ids=docs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+class MetricsLog:
+    """metrics.jsonl on the main rank; on resume, entries after the checkpoint's step are dropped so the
+    log reads as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, info: DistInfo, resume_step: int, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = info.is_main
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TokenLoader, batches: int, info: DistInfo, autocast: bool, doc_mask: bool) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
+    it = iter(loader)
+    loader.epoch = loader.step_in_epoch = 0  # always the same held-out windows
+    for _ in range(min(batches, loader.steps_per_epoch)):
+        loss, n = token_loss(model, next(it), info.device, autocast, doc_mask)
+        total += loss
+        count += n
+    model.train()
+    return float(all_reduce_mean(total, info) / all_reduce_mean(count, info))
+
+
+def export(model: nn.Module, config: ModelConfig, out: Path, tokenizer_dir: str | None, info: DistInfo) -> None:
+    """Write the phase's model in the Hugging Face layout (bf16), gathered on the main rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return
+    plain = build_model(config.replace(dtype="bfloat16"), "meta", torch.float32)
+    plain.load_state_dict({k: v for k, v in state.items() if k in plain.state_dict()}, assign=True, strict=False)
+    plain.tie_weights()
+    plain.model.rotary_emb.inv_freq = torch.empty(plain.model.rotary_emb.inv_freq.shape)
+    plain.model.rotary_emb.reset_parameters()
+    tokenizer = None
+    if tokenizer_dir:
+        from afm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    save_pretrained(plain.to(torch.bfloat16), out, tokenizer)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerState:
+    phase: int = 0
+    step_in_phase: int = 0
+    global_step: int = 0
+    tokens: int = 0
+    loader: dict[str, int] | None = None
+
+
+def _tokenizer_for(config: TrainConfig, phase: PhaseSpec) -> str | None:
+    if config.tokenizer:
+        return config.tokenizer
+    index = Path(phase.data) / "index.json"
+    if index.exists():
+        return json.loads(index.read_text()).get("tokenizer")
+    return config.model.init_from
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run every phase of the recipe (resuming from the newest checkpoint); returns a summary."""
+    info = setup_distributed(config.device)
+    try:
+        return _train(config, info)
+    finally:
+        teardown_distributed()
+
+
+def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    validate(config, info.world_size)
+    run_dir = config.run_dir
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "recipe.json", json.dumps(to_dict(config), indent=2))
+    seed_everything(config.seed + info.rank)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
+    model = make_model(config, info.device)
+    state = TrainerState()
+    resume_from = checkpoint.latest(run_dir)
+    if resume_from is not None:
+        saved = json.loads((resume_from / checkpoint.TRAINER_STATE).read_text())
+        for ph in config.phases[: saved["phase"] + 1]:  # the RoPE of the phase being resumed
+            if ph.context_extension is not None:
+                extend_context(model, ph.context_extension)
+    elif config.phases[0].context_extension is not None:
+        extend_context(model, config.phases[0].context_extension)
+    wrapped = parallelize(model, info, bf16=bf16 and info.distributed,
+                          activation_checkpointing=config.activation_checkpointing, compile=config.compile)
+    autocast = bf16 and not info.distributed  # FSDP's mixed precision casts by itself
+    opt = config.optim
+    optimizer = torch.optim.AdamW(param_groups(wrapped, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                                  fused=info.device.type == "cuda")
+    if resume_from is not None:
+        state = TrainerState(**{k: v for k, v in checkpoint.load(resume_from, wrapped, optimizer, info).items()
+                                if k in TrainerState.__dataclass_fields__})
+        if info.is_main:
+            print(f"resumed from {resume_from} (phase {state.phase}, step {state.global_step})", file=sys.stderr)
+    metrics = MetricsLog(run_dir, info, state.global_step, config.tensorboard)
+    peak = peak_flops(info.device)
+    losses: list[float] = []
+
+    start_phase = state.phase
+    for phase_index in range(start_phase, len(config.phases)):
+        phase = config.phases[phase_index]
+        if phase_index > start_phase:  # a new phase in this process: fresh schedule and data position
+            state.step_in_phase, state.loader = 0, None
+            if phase.context_extension is not None:
+                extend_context(model, phase.context_extension)
+        state.phase = phase_index
+        per_rank = phase.global_batch // info.world_size
+        micro = phase.micro_batch or per_rank
+        accum = per_rank // micro
+        # One loader step is one micro-batch on every rank; an optimizer step takes `accum` of them.
+        loader = TokenLoader(phase.data, phase.seq_len, micro, seed=config.seed + phase_index, rank=info.rank,
+                             world_size=info.world_size, holdout=phase.holdout)
+        if state.loader:
+            loader.load_state_dict(state.loader)
+        eval_loader = (TokenLoader(phase.data, phase.seq_len, micro, rank=info.rank, world_size=info.world_size,
+                                   holdout=phase.holdout, split="eval", shuffle=False)
+                       if phase.holdout and phase.eval_every else None)
+        total = phase_steps(phase)
+        flops_per_token = training_flops_per_token(model.config, phase.seq_len)
+        peak_lr = phase.lr if phase.lr is not None else opt.lr
+        batches = iter(loader)
+        t_last = time.perf_counter()
+        for step in range(state.step_in_phase, total):
+            lr = lr_at(step, total, peak_lr, opt.min_lr_ratio, phase.schedule, phase.warmup, phase.decay)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=info.device)
+            count = torch.zeros((), device=info.device)
+            micro_batches = [next(batches) for _ in range(accum)]
+            local_tokens = torch.tensor(float(sum(int((b.targets != IGNORE).sum()) for b in micro_batches)),
+                                        device=info.device)
+            global_tokens = all_reduce_mean(local_tokens, info) * info.world_size
+            for i, b in enumerate(micro_batches):
+                if info.distributed:
+                    wrapped.set_requires_gradient_sync(i == accum - 1)  # reduce gradients once per step
+                loss, n = token_loss(wrapped, b, info.device, autocast, phase.document_mask)
+                # A token-level mean over the whole global batch: every rank divides by the global count,
+                # and FSDP averages gradients over ranks, so the world size is multiplied back in.
+                (loss * info.world_size / global_tokens).backward()
+                loss_sum += loss.detach()
+                count += n
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), opt.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step_in_phase = step + 1
+            state.global_step += 1
+            state.tokens += int(global_tokens)
+            mean_loss = float(all_reduce_mean(loss_sum, info) / all_reduce_mean(count, info))
+            losses.append(mean_loss)
+            if not math.isfinite(mean_loss):
+                raise ConfigError(f"the loss became {mean_loss} at step {state.global_step}; lower the learning rate")
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            tok_s = float(global_tokens) / dt
+            record = {"step": state.global_step, "phase": phase.name, "phase_step": step + 1, "loss": mean_loss,
+                      "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                      "lr": lr, "tokens": state.tokens, "tokens_per_s": tok_s,
+                      "mfu": (tok_s * flops_per_token / (peak * info.world_size)) if peak else None,
+                      "memory_gb": memory_gb(info.device)}
+            last_step = step + 1 == total
+            if eval_loader is not None and ((step + 1) % phase.eval_every == 0 or last_step):
+                record["eval_loss"] = evaluate(wrapped, eval_loader, phase.eval_batches, info, autocast,
+                                               phase.document_mask)
+            metrics.write(record)
+            if info.is_main and (state.global_step % config.log_every == 0 or last_step):
+                extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+                mfu = f" mfu {record['mfu'] * 100:.1f}%" if record["mfu"] else ""
+                print(f"\r[{phase.name}] {step + 1}/{total} loss {mean_loss:.4f}{extra} lr {lr:.2e} "
+                      f"{tok_s:,.0f} tok/s{mfu}", end="\n" if last_step or extra else "",
+                      file=sys.stderr, flush=True)
+            if last_step and phase.export:  # before the phase's final checkpoint: resuming never skips it
+                export(wrapped, model.config, run_dir / "export" / phase.name, _tokenizer_for(config, phase), info)
+            if last_step or (config.checkpoint_every and state.global_step % config.checkpoint_every == 0):
+                state.loader = loader.state_dict()
+                saved = TrainerState(phase_index + 1, 0, state.global_step, state.tokens, None) if last_step else state
+                checkpoint.save(run_dir, state.global_step, wrapped, optimizer, dict(saved.__dict__), info,
+                                config.keep_last)
+        state.phase, state.step_in_phase, state.loader = phase_index + 1, 0, None
+    summary = {"run_dir": str(run_dir), "steps": state.global_step, "tokens": state.tokens,
+               "final_loss": losses[-1] if losses else None,
+               "exports": [str(run_dir / "export" / p.name) for p in config.phases if p.export]}
+    if info.is_main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,197 @@
+"""The trainer: recipes, one loop for every phase, exact resume after SIGKILL, FSDP2 on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from afm.data.shards import tokenize_documents
+from afm.errors import ConfigError
+from afm.model import build_model, get_preset
+from afm.model.hf import load_pretrained
+from afm.tokenizer import Tokenizer, train_bpe
+from afm.tokenizer.train import python_stdlib_texts
+from afm.train.config import RECIPE_DIR, load_recipe, validate
+from afm.train.flops import training_flops_per_token
+from afm.train.schedule import lr_at
+
+from .conftest import python
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A micro tokenizer and two small shard directories of real text (the standard library)."""
+    d = tmp_path_factory.mktemp("train")
+    tok = train_bpe(python_stdlib_texts(300_000), 512)
+    tok.save_pretrained(d / "tok")
+    texts = list(python_stdlib_texts(900_000))
+    tokenize_documents(texts[: len(texts) // 2], tok, d / "pre", meta={"tokenizer": str(d / "tok")})
+    tokenize_documents(texts[len(texts) // 2 :], tok, d / "mid", meta={"tokenizer": str(d / "tok")})
+    return d
+
+
+def micro_args(data, out, steps=12, extra=()):
+    return ["--phases.0.data", str(data / "pre"), "--phases.1.data", str(data / "mid"), "--out_dir", str(out),
+            "--phases.0.steps", str(steps), "--phases.1.steps", "6", "--phases.0.eval_every", "6",
+            "--checkpoint_every", "4", *extra]
+
+
+def run_train(args, env_extra=None, check=True, torchrun=0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if torchrun:
+        cmd = [python(), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}", "-m", "afm",
+               "train", "micro", *args]
+    else:
+        cmd = [python(), "-m", "afm", "train", "micro", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- recipes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    config = load_recipe(recipe)
+    validate(config, world_size=1, check_data=False)
+    assert config.phases and config.model.preset
+
+
+def test_afm_recipe_has_the_real_shape_and_phases():
+    config = load_recipe("afm-4.5b")
+    assert config.model.preset == "afm-4.5b" and [p.name for p in config.phases] == ["pretrain", "midtrain", "long-context"]
+    assert config.phases[0].tokens == 6_500_000_000_000 and config.phases[1].tokens == 1_500_000_000_000
+    ext = config.phases[2].context_extension
+    assert (ext.factor, ext.original_max_position_embeddings, ext.max_position_embeddings) == (20.0, 4096, 65536)
+
+
+def test_overrides_and_bad_recipes(tmp_path):
+    config = load_recipe("micro", ["--optim.lr", "1e-4", "--phases.1.steps", "3", "--name", "x"])
+    assert config.optim.lr == 1e-4 and config.phases[1].steps == 3 and config.name == "x"
+    with pytest.raises(ConfigError, match="unknown key.*lrr"):
+        load_recipe("micro", ["--optim.lrr", "1"])
+    with pytest.raises(ConfigError, match="no recipe 'nope'"):
+        load_recipe("nope")
+    with pytest.raises(ConfigError, match="exceeds the model's RoPE range"):
+        validate(load_recipe("micro", ["--phases.0.seq_len", "5000"]), check_data=False)
+    with pytest.raises(ConfigError, match="does not divide across 3 ranks"):
+        validate(load_recipe("micro"), world_size=3, check_data=False)
+    with pytest.raises(ConfigError, match="not a token shard directory"):
+        validate(load_recipe("micro", ["--phases.0.data", str(tmp_path)]))
+    with pytest.raises(ConfigError, match="exactly one of tokens or steps"):
+        validate(load_recipe("micro", ["--phases.0.tokens", "100"]), check_data=False)
+
+
+def test_schedules():
+    wsd = [lr_at(s, 100, 1.0, 0.1, "wsd", 0.1, 0.2) for s in range(100)]
+    assert wsd[0] == pytest.approx(0.1) and wsd[9] == 1.0 and wsd[79] == 1.0 and wsd[-1] == pytest.approx(0.1)
+    cos = [lr_at(s, 100, 1.0, 0.1, "cosine", 10, 0.0) for s in range(100)]
+    assert cos[9] == 1.0 and cos[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(cos[9:], cos[10:]))
+
+
+def test_flops_per_token_matches_a_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = get_preset("afm-micro")
+    model = build_model(config, seed=0)
+    ids = torch.randint(0, config.vocab_size, (2, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(ids).float().sum().backward()
+    counted = counter.get_total_flops() / ids.numel()
+    assert training_flops_per_token(config, 64) == pytest.approx(counted, rel=0.1)
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def test_training_learns_logs_plots_and_exports(data, tmp_path):
+    run_train(micro_args(data, tmp_path / "run", steps=40))
+    rows = losses(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 47))
+    first, last = rows[0]["loss"], rows[39]["loss"]
+    assert last < first - 1.0  # it learns
+    assert {"grad_norm", "lr", "tokens_per_s", "memory_gb", "phase"} <= set(rows[0])
+    assert any("eval_loss" in r for r in rows)
+    for phase in ("pretrain", "midtrain"):
+        exported = load_pretrained(tmp_path / "run" / "export" / phase)
+        assert Tokenizer.from_pretrained(tmp_path / "run" / "export" / phase).vocab_size == 512
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "midtrain", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 32))
+    with torch.no_grad():
+        assert (exported.float()(ids) - ref(input_ids=ids).logits).abs().max() < 1e-3
+    r = subprocess.run([python(), "-m", "afm", "plot", str(tmp_path / "run")], capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "run" / "loss.png").stat().st_size > 10_000
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path):
+    args = micro_args(data, tmp_path / "ref", steps=16)
+    run_train(args)
+    reference = [r["loss"] for r in losses(tmp_path / "ref")]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([python(), "-m", "afm", "train", "micro", *micro_args(data, out, steps=16)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it after its second checkpoint (step 8), mid-phase
+        if (out / "metrics.jsonl").exists() and len(losses(out)) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints").exists() and not (out / "summary.json").exists()
+    run_train(micro_args(data, out, steps=16))
+    resumed = [r["loss"] for r in losses(out)]
+    assert resumed == reference  # bitwise: same floats, same order
+    assert [r["step"] for r in losses(out)] == list(range(1, len(reference) + 1))
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(left) == 2 and not any(n.endswith(".partial") for n in left)  # keep_last
+
+
+def test_context_extension_phase(data, tmp_path):
+    run_train(micro_args(data, tmp_path / "ext", steps=4, extra=[
+        "--phases.1.context_extension", "{factor: 4.0, original_max_position_embeddings: 1024, "
+        "max_position_embeddings: 4096}", "--phases.1.seq_len", "256"]))
+    cfg = json.loads((tmp_path / "ext" / "export" / "midtrain" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["max_position_embeddings"] == 4096
+    pre = json.loads((tmp_path / "ext" / "export" / "pretrain" / "config.json").read_text())
+    assert pre["rope_parameters"]["rope_type"] == "default"
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_and_resume_on_another_world_size(data, tmp_path):
+    run_train(micro_args(data, tmp_path / "one", steps=8))
+    run_train(micro_args(data, tmp_path / "two", steps=8), torchrun=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two)
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    # a 2-rank run killed after step 4, resumed by one process: the rest follows the 1-process curve
+    mixed = tmp_path / "mixed"
+    run_train(micro_args(data, mixed, steps=8, extra=["--keep_last", "10"]), torchrun=2)
+    for c in (mixed / "checkpoints").iterdir():
+        if c.name != "step-00000004":
+            shutil.rmtree(c)
+    (mixed / "summary.json").unlink()
+    run_train(micro_args(data, mixed, steps=8, extra=["--keep_last", "10"]))
+    cont = losses(mixed)
+    assert [r["step"] for r in cont] == [r["step"] for r in one]
+    for a, b in zip(one, cont, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
