@@ -375,6 +375,15 @@ def cmd_data_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_sft_mix(args: argparse.Namespace) -> int:
+    from afm.data.sft_mix import build_sft_data
+
+    summary = build_sft_data(args.starter, args.out, heldout=args.heldout, seed=args.seed)
+    for task, c in summary["counts"].items():
+        print(f"{task:12} {c['train']:>7,} train {c['heldout']:>6,} held out")
+    return 0
+
+
 def cmd_data_rephrase(args: argparse.Namespace) -> int:
     from afm.data.document import read_jsonl, write_jsonl
     from afm.data.synthetic import RephraseConfig, rephrase
@@ -399,6 +408,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_recipe(args.recipe, args.overrides)
     summary = train(config)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from afm.train.config import load_recipe
+    from afm.train.loop import train
+
+    config = load_recipe(args.recipe, args.overrides)
+    if not any(p.data.startswith("sft:") for p in config.phases):
+        raise AFMError(f"recipe {args.recipe!r} has no SFT phase (data: 'sft:<conversations.jsonl>'); "
+                       "use `afm train` for pre-training recipes")
+    print(json.dumps(train(config), indent=2))
     return 0
 
 
@@ -473,6 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--dotted.key value pairs")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (full or LoRA), on the same loop")
+    p.add_argument("recipe", help="a recipe name (recipes/NAME.yaml) or a .yaml file with an sft: phase")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--dotted.key value pairs")
+    p.set_defaults(func=cmd_sft)
+
     p = sub.add_parser("plot", help="draw a run's loss curves (and learning rate) to PNG")
     p.add_argument("run_dir", help="a training run directory (with metrics.jsonl)")
     p.add_argument("--out", help="output directory (default: the run directory)")
@@ -503,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--total-chars", type=int, help="size of the mixture (default: what the weights allow)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data_mix)
+    d = data.add_parser("sft-mix", help="make SFT conversations (train and held-out) from the starter corpus")
+    d.add_argument("starter", help="a starter corpus directory (afm data fetch starter)")
+    d.add_argument("out", help="output directory (train.jsonl, heldout.jsonl)")
+    d.add_argument("--heldout", type=float, default=0.05, help="fraction held out (default 0.05)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_sft_mix)
     d = data.add_parser("rephrase", help="rewrite documents in target styles with a model (synthetic data)")
     d.add_argument("input", help="a .jsonl(.gz) file of documents")
     d.add_argument("--model", required=True, help="checkpoint directory or .gguf")

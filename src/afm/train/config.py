@@ -20,6 +20,8 @@ import yaml
 
 from afm.errors import ConfigError
 
+from afm.train.lora import LoRASpec
+
 RECIPE_DIR = Path(__file__).resolve().parents[3] / "recipes"
 
 
@@ -67,6 +69,7 @@ class PhaseSpec:
     holdout: int = 0  # windows held out of the data for evaluation
     context_extension: ContextExtension | None = None
     document_mask: bool = True  # keep packed documents from attending to each other
+    truncate: bool = False  # SFT: cut conversations longer than a row instead of skipping them
     export: bool = True
 
 
@@ -87,6 +90,7 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     tokenizer: str | None = None  # tokenizer directory for exports (default: the data's or the init checkpoint's)
+    lora: LoRASpec | None = None  # train low-rank adapters instead of every weight (merged into exports)
 
     @property
     def run_dir(self) -> Path:
@@ -207,6 +211,8 @@ def validate(config: TrainConfig, world_size: int = 1, check_data: bool = True) 
 
     if not config.phases:
         raise ConfigError("the recipe has no phases")
+    if config.lora is not None:
+        config.lora.validate()
     if config.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16 or fp32, got {config.precision!r}")
     if config.model.preset is None and config.model.init_from is None:

@@ -36,6 +36,9 @@ from afm.model.transformer import AFMForCausalLM, build_model
 from afm.train import checkpoint
 from afm.train.config import PhaseSpec, TrainConfig, phase_steps, to_dict, validate
 from afm.train.flops import peak_flops, training_flops_per_token
+from afm.train.lora import LoRASpec, apply_lora, merge_into, save_peft_adapter
+from afm.train.sft import SFTLoader
+from afm.tokenizer import Tokenizer
 from afm.train.parallel import DistInfo, all_reduce_mean, parallelize, setup_distributed, teardown_distributed
 from afm.train.schedule import lr_at
 
@@ -156,13 +159,18 @@ def evaluate(model: nn.Module, loader: TokenLoader, batches: int, info: DistInfo
     return float(all_reduce_mean(total, info) / all_reduce_mean(count, info))
 
 
-def export(model: nn.Module, config: ModelConfig, out: Path, tokenizer_dir: str | None, info: DistInfo) -> None:
-    """Write the phase's model in the Hugging Face layout (bf16), gathered on the main rank."""
+def export(model: nn.Module, config: ModelConfig, out: Path, tokenizer_dir: str | None, info: DistInfo,
+           lora: LoRASpec | None = None, base_model: str | None = None) -> None:
+    """Write the phase's model in the Hugging Face layout (bf16), gathered on the main rank. LoRA
+    adapters are merged into the weights, and also saved alone for peft in `adapter/`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not info.is_main:
         return
+    if lora is not None:
+        save_peft_adapter(state, lora, out / "adapter", base_model)
+        state = merge_into(state, lora.alpha / lora.r)
     plain = build_model(config.replace(dtype="bfloat16"), "meta", torch.float32)
     plain.load_state_dict({k: v for k, v in state.items() if k in plain.state_dict()}, assign=True, strict=False)
     plain.tie_weights()
@@ -224,6 +232,8 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 extend_context(model, ph.context_extension)
     elif config.phases[0].context_extension is not None:
         extend_context(model, config.phases[0].context_extension)
+    if config.lora is not None:
+        apply_lora(model, config.lora)
     wrapped = parallelize(model, info, bf16=bf16 and info.distributed,
                           activation_checkpointing=config.activation_checkpointing, compile=config.compile)
     autocast = bf16 and not info.distributed  # FSDP's mixed precision casts by itself
@@ -251,13 +261,23 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         micro = phase.micro_batch or per_rank
         accum = per_rank // micro
         # One loader step is one micro-batch on every rank; an optimizer step takes `accum` of them.
-        loader = TokenLoader(phase.data, phase.seq_len, micro, seed=config.seed + phase_index, rank=info.rank,
-                             world_size=info.world_size, holdout=phase.holdout)
+        loader: TokenLoader | SFTLoader
+        eval_loader = None
+        if phase.data.startswith("sft:"):
+            tokenizer_dir = _tokenizer_for(config, phase)
+            if tokenizer_dir is None:
+                raise ConfigError(f"phase {phase.name}: SFT needs a tokenizer (set tokenizer or model.init_from)")
+            loader = SFTLoader(phase.data[4:], Tokenizer.from_pretrained(tokenizer_dir), phase.seq_len, micro,
+                               seed=config.seed + phase_index, rank=info.rank, world_size=info.world_size,
+                               truncate=phase.truncate)
+        else:
+            loader = TokenLoader(phase.data, phase.seq_len, micro, seed=config.seed + phase_index, rank=info.rank,
+                                 world_size=info.world_size, holdout=phase.holdout)
+            if phase.holdout and phase.eval_every:
+                eval_loader = TokenLoader(phase.data, phase.seq_len, micro, rank=info.rank, world_size=info.world_size,
+                                          holdout=phase.holdout, split="eval", shuffle=False)
         if state.loader:
             loader.load_state_dict(state.loader)
-        eval_loader = (TokenLoader(phase.data, phase.seq_len, micro, rank=info.rank, world_size=info.world_size,
-                                   holdout=phase.holdout, split="eval", shuffle=False)
-                       if phase.holdout and phase.eval_every else None)
         total = phase_steps(phase)
         flops_per_token = training_flops_per_token(model.config, phase.seq_len)
         peak_lr = phase.lr if phase.lr is not None else opt.lr
@@ -312,7 +332,8 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
                       f"{tok_s:,.0f} tok/s{mfu}", end="\n" if last_step or extra else "",
                       file=sys.stderr, flush=True)
             if last_step and phase.export:  # before the phase's final checkpoint: resuming never skips it
-                export(wrapped, model.config, run_dir / "export" / phase.name, _tokenizer_for(config, phase), info)
+                export(wrapped, model.config, run_dir / "export" / phase.name, _tokenizer_for(config, phase), info,
+                       lora=config.lora, base_model=config.model.init_from)
             if last_step or (config.checkpoint_every and state.global_step % config.checkpoint_every == 0):
                 state.loader = loader.state_dict()
                 saved = TrainerState(phase_index + 1, 0, state.global_step, state.tokens, None) if last_step else state
