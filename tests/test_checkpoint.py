@@ -36,6 +36,14 @@ def test_layout_is_hugging_face(tiny_checkpoint):
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in model.state_dict().values())
     gen = read_generation_config(path)
     assert (gen["temperature"], gen["top_k"], gen["top_p"], gen["repetition_penalty"]) == (0.5, 50, 0.95, 1.1)
+    # Every file is readable by others, as files written with the usual umask are (tools in other
+    # accounts or containers load checkpoints).
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
 
 
 def test_sharding_and_resave_removes_stale_shards(tmp_path):

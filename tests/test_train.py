@@ -67,11 +67,30 @@ def losses(run_dir):
 # ---- recipes -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def _recipes(kinds: set[str]) -> list[str]:
+    import yaml
+
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")
+                  if (yaml.safe_load(p.read_text()) or {}).get("kind", "train") in kinds)
+
+
+@pytest.mark.parametrize("recipe", _recipes({"train", "sft"}))
 def test_every_shipped_recipe_loads_and_validates(recipe):
     config = load_recipe(recipe)
     validate(config, world_size=1, check_data=False)
-    assert config.phases and config.model.preset
+    assert config.phases and (config.model.preset or config.model.init_from)
+
+
+@pytest.mark.parametrize("recipe", _recipes({"grpo", "dpo"}))
+def test_every_shipped_rl_recipe_loads(recipe):
+    from afm.rl.dpo import DPOConfig
+    from afm.rl.grpo import GRPOConfig, load_rl_config
+
+    import yaml
+
+    kind = yaml.safe_load((RECIPE_DIR / f"{recipe}.yaml").read_text())["kind"]
+    config = load_rl_config(GRPOConfig if kind == "grpo" else DPOConfig, recipe)
+    assert config.name == recipe and config.model
 
 
 def test_afm_recipe_has_the_real_shape_and_phases():

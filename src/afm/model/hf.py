@@ -124,8 +124,18 @@ def save_pretrained(
     config = model.config
     if config.dtype != _dtype_name(model.dtype):
         config = config.replace(dtype=_dtype_name(model.dtype))
+    stop_ids = None
+    if tokenizer is not None:
+        # Special-token ids the config leaves open come from the tokenizer saved with it, so transformers
+        # and other runtimes know them too; generation stops at every id that ends a turn.
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+        missing = {k: v for k, v in ids.items() if getattr(config, k) is None and v is not None}
+        if missing:
+            config = config.replace(**missing)
+        stop_ids = list(dict.fromkeys([*config.eos_token_ids, *tokenizer.stop_token_ids]))
     config.save_pretrained(directory)
-    gen = generation_config if generation_config is not None else generation_config_dict(config)
+    gen = generation_config if generation_config is not None else generation_config_dict(config, stop_ids)
     atomic_write_text(directory / GENERATION_CONFIG_FILE, json.dumps(gen, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

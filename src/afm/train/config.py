@@ -82,7 +82,7 @@ class TrainConfig:
     phases: list[PhaseSpec] = field(default_factory=list)
     seed: int = 0
     device: str | None = None
-    precision: str = "auto"  # auto: bf16 compute (fp32 master weights) on GPUs, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 compute (fp32 master weights) on GPUs, fp32 on CPU; see loop.use_bf16
     activation_checkpointing: bool = False
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end of each phase
@@ -213,18 +213,22 @@ def validate(config: TrainConfig, world_size: int = 1, check_data: bool = True) 
         raise ConfigError("the recipe has no phases")
     if config.lora is not None:
         config.lora.validate()
-    if config.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision must be auto, bf16 or fp32, got {config.precision!r}")
+    if config.precision not in ("auto", "bf16-native", "bf16", "fp32"):
+        raise ConfigError(f"precision must be auto, bf16-native, bf16 or fp32, got {config.precision!r}")
     if config.model.preset is None and config.model.init_from is None:
         raise ConfigError("model: give a preset or init_from")
     if config.model.preset is not None and config.model.init_from is None:
         base = get_preset(config.model.preset)
         model_config = base.replace(**config.model.overrides) if config.model.overrides else base
-    else:
+    elif check_data or Path(config.model.init_from).exists():  # type: ignore[arg-type]
         from afm.model.config import ModelConfig
 
         model_config = ModelConfig.from_pretrained(config.model.init_from)  # type: ignore[arg-type]
-    max_pos = model_config.max_position_embeddings
+    else:
+        # Checking a recipe ahead of the run that makes its starting checkpoint (check_data=False):
+        # the model-dependent checks wait until the checkpoint exists.
+        model_config = None
+    max_pos = model_config.max_position_embeddings if model_config is not None else None
     names = set()
     for i, ph in enumerate(config.phases):
         where = f"phases[{i}] ({ph.name})"
@@ -237,7 +241,7 @@ def validate(config: TrainConfig, world_size: int = 1, check_data: bool = True) 
             raise ConfigError(f"{where}: schedule must be wsd or cosine, got {ph.schedule!r}")
         if ph.context_extension is not None:
             max_pos = ph.context_extension.max_position_embeddings
-        if ph.seq_len > max_pos:
+        if max_pos is not None and ph.seq_len > max_pos:
             raise ConfigError(
                 f"{where}: seq_len {ph.seq_len} exceeds the model's RoPE range of {max_pos} positions; "
                 "extend the context (context_extension) or shorten the sequence"
@@ -253,7 +257,12 @@ def validate(config: TrainConfig, world_size: int = 1, check_data: bool = True) 
             if not index.exists():
                 raise ConfigError(f"{where}: data {ph.data!r} is not a token shard directory (no index.json); "
                                   "make one with `afm data mix`")
-            tokens = json.loads(index.read_text()).get("tokens", 0)
+            meta = json.loads(index.read_text())
+            tokens = meta.get("tokens", 0)
+            if meta.get("vocab_size", 0) > model_config.vocab_size:
+                raise ConfigError(f"{where}: {ph.data} was tokenized with a {meta['vocab_size']}-token vocabulary but "
+                                  f"the model has {model_config.vocab_size}; set model.overrides.vocab_size or "
+                                  "retokenize with a matching tokenizer")
             windows = max(0, (tokens - 1) // ph.seq_len) - ph.holdout
             if windows < ph.global_batch:
                 raise ConfigError(f"{where}: {ph.data} holds {tokens} tokens, {max(windows, 0)} training sequences "
