@@ -78,11 +78,15 @@ class BlockManager:
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Physical blocks already holding a prefix of the request's tokens (full blocks only).
 
-        At least one token is always left to compute, because its logits are needed to sample.
+        At least one token is always left to compute, because its logits are needed to sample. A request
+        that asks for prompt logprobs reuses only blocks before the first position whose logits it lacks.
         """
         if not self.enable_prefix_caching:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if request.num_prompt_logprobs_pending:
+            assert request.prompt_logprobs is not None
+            max_blocks = min(max_blocks, len(request.prompt_logprobs) // self.block_size)
         self._extend_hashes(request, max_blocks)
         found: list[int] = []
         bs = self.block_size

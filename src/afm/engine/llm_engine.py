@@ -68,6 +68,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (it has no context).
+    prompt_logprobs: list[Logprob | None] | None = None
 
 
 @dataclass
@@ -81,6 +83,7 @@ class _Group:
     detokenizers: list[IncrementalDetokenizer | None]
     outputs: list[CompletionOutput]
     metrics: RequestMetrics
+    prompt_logprobs: list[Logprob | None] | None = None  # built once, when the prompt has been scored
 
 
 class LLMEngine:
@@ -159,7 +162,8 @@ class LLMEngine:
         if bad:
             raise ConfigError(f"prompt token id(s) {bad[:5]} are outside the vocabulary (size {vocab})")
         n = len(prompt_ids)
-        if n >= self.max_model_len:
+        scoring_only = params.max_tokens == 0  # a prompt-logprobs request may fill the whole context
+        if n > self.max_model_len or (n == self.max_model_len and not scoring_only):
             raise ConfigError(
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: it leaves no room for output"
             )
@@ -254,10 +258,18 @@ class LLMEngine:
         if sched.is_empty:
             return []
         results = self.runner.execute(sched)
+        # Scoring-only requests (max_tokens 0) end when their prompt has been computed.
+        scored = [s.request for s in sched.scheduled if s.samples and s.request.sampling_params.max_tokens == 0]
         self.scheduler.update_after_step(sched)
         self.num_steps += 1
         now = time.monotonic()
         touched: dict[str, _Group] = {}
+        for r in scored:
+            group = self.groups.get(r.group_id or "")
+            if group is None or r.is_finished:
+                continue
+            self._finish_scored(group, r, now)
+            touched[group.request_id] = group
         for res in results:
             r = res.request
             group = self.groups.get(r.group_id or "")
@@ -266,6 +278,15 @@ class LLMEngine:
             self._append_token(group, r, res.token_id, res.logprob, now)
             touched[group.request_id] = group
         return [self._output(g) for g in touched.values()]
+
+    def _finish_scored(self, group: _Group, r: Request, now: float) -> None:
+        """End a max_tokens 0 request after its prefill: finish reason "length", no output tokens."""
+        out = group.outputs[group.children.index(r)]
+        if group.metrics.first_scheduled_time is None:
+            group.metrics.first_scheduled_time = r.first_scheduled_time
+        self.scheduler.finish(r, RequestStatus.FINISHED_LENGTH)
+        self.runner.release(r)
+        out.finish_reason = r.finish_reason
 
     def _append_token(self, group: _Group, r: Request, token: int, logprob: Logprob | None, now: float) -> None:
         index = group.children.index(r)
@@ -315,6 +336,13 @@ class LLMEngine:
             group.metrics.num_cached_tokens = max(c.num_cached_tokens for c in group.children)
             group.metrics.num_preemptions = sum(c.num_preemptions for c in group.children)
             self.groups.pop(group.request_id, None)
+        if group.prompt_logprobs is None:
+            # Every sequence scores the shared prompt (an output exists only once one has), so any
+            # output of such a request carries them; the first complete set is used.
+            for c in group.children:
+                if c.prompt_logprobs is not None and c.num_prompt_logprobs_pending == 0:
+                    group.prompt_logprobs = [None, *c.prompt_logprobs]
+                    break
         snapshot = RequestOutput(
             request_id=group.request_id,
             prompt_token_ids=group.prompt_token_ids,
@@ -330,6 +358,7 @@ class LLMEngine:
             finished=finished,
             metrics=group.metrics,
             prompt=group.prompt,
+            prompt_logprobs=group.prompt_logprobs,
         )
         for o in group.outputs:
             o.delta_text, o.delta_token_ids, o.delta_logprobs = "", [], []

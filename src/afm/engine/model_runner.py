@@ -2,7 +2,8 @@
 
 A step's tokens (prefill chunks and decodes of many requests) run as one flattened row through the
 same `AFMForCausalLM` the trainer uses, with `PagedAttention` as its attention backend. Only the
-last position of each request that finishes its tokens this step goes through the LM head.
+last position of each request that finishes its tokens this step goes through the LM head, plus every
+prompt position of requests that asked for prompt logprobs (their logprobs are stored on the request).
 
 On GPUs, decode-only steps replay CUDA graphs captured for a ladder of batch sizes (the batch is padded
 to the next size; padded rows write into the reserved null block), which removes the per-kernel launch
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +26,14 @@ from afm.engine.block_manager import NULL_BLOCK
 from afm.engine.config import EngineConfig
 from afm.engine.request import Logprob, Request
 from afm.engine.sampler import Sampler
-from afm.engine.scheduler import SchedulerOutput
+from afm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from afm.errors import ConfigError
 from afm.model.transformer import AFMForCausalLM
 
 log = logging.getLogger(__name__)
+
+# Prompt-logprob rows sent through the LM head at once: bounds the (rows x vocabulary) float32 logits.
+PROMPT_LOGPROB_ROWS = 256
 
 
 def kv_bytes_per_token(model: AFMForCausalLM, kv_dtype: torch.dtype) -> int:
@@ -51,6 +56,43 @@ def graph_batch_sizes(max_size: int) -> list[int]:
     if max_size not in sizes:
         sizes.append(max_size)
     return sizes
+
+
+@dataclass
+class PromptLogprobRows:
+    """Rows of a step's flattened batch whose logits score prompt tokens `targets` of `request`."""
+
+    request: Request
+    first_row: int
+    targets: list[int]
+
+
+def makes_token(s: ScheduledRequest) -> bool:
+    """Whether this step samples a token for the request (a scoring-only request, max_tokens 0, never does)."""
+    return s.samples and s.request.sampling_params.max_tokens != 0
+
+
+def logit_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptLogprobRows]]:
+    """Which rows of the flattened step need logits: one per sampling request, and every prompt position
+    of a request still gathering prompt logprobs (the row at position i scores prompt token i + 1)."""
+    sample_rows: list[int] = []
+    prompt_rows: list[PromptLogprobRows] = []
+    row = 0
+    for s in out.scheduled:
+        r, start, n = s.request, s.request.num_computed_tokens, s.num_tokens
+        if r.num_prompt_logprobs_pending:
+            assert r.prompt_logprobs is not None
+            done = len(r.prompt_logprobs)  # positions 0 .. done-1 are scored already (before a preemption)
+            if done < start:
+                raise RuntimeError(f"request {r.request_id}: prompt positions {done}..{start - 1} were skipped "
+                                   "without their logprobs")
+            lo, hi = max(start, done), min(start + n, r.num_prompt_tokens - 1)
+            if hi > lo:
+                prompt_rows.append(PromptLogprobRows(r, row + lo - start, r.prompt_token_ids[lo + 1 : hi + 1]))
+        row += n
+        if makes_token(s):
+            sample_rows.append(row - 1)
+    return sample_rows, prompt_rows
 
 
 @dataclass
@@ -138,14 +180,13 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _metadata(self, out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, AttentionMetadata, list[int]]:
+    def _metadata(self, out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, AttentionMetadata]:
         bs = self.block_size
         ids_parts: list[list[int]] = []
         pos_parts: list[np.ndarray] = []
         slot_parts: list[np.ndarray] = []
         seq_lens: list[int] = []
         qsl = [0]
-        sample_rows: list[int] = []
         S = len(out.scheduled)
         max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
         block_tables = np.zeros((S, max_blocks), dtype=np.int32)
@@ -160,8 +201,6 @@ class ModelRunner:
             slot_parts.append(blocks[pos // bs] * bs + pos % bs)
             seq_lens.append(start + n)
             qsl.append(qsl[-1] + n)
-            if s.samples:
-                sample_rows.append(qsl[-1] - 1)
         input_ids = np.fromiter((t for part in ids_parts for t in part), dtype=np.int64, count=qsl[-1])
         positions = np.concatenate(pos_parts)
         dev = self.device
@@ -173,35 +212,75 @@ class ModelRunner:
             max_query_len=max(s.num_tokens for s in out.scheduled),
             max_seq_len=max(seq_lens),
         )
-        return input_ids, positions, md, sample_rows
+        return input_ids, positions, md
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[StepResult]:
-        """Run one scheduled step; return a sampled token for every request that reached its end."""
+        """Run one scheduled step; return a sampled token for every request that reached its end.
+
+        Prompt logprobs computed this step are appended to their requests' `prompt_logprobs`.
+        """
         for r in out.preempted:
             self.sampler.release(r)
         if out.is_empty:
             return []
-        sampling = [s.request for s in out.scheduled if s.samples]
+        sampling = [s.request for s in out.scheduled if makes_token(s)]
+        sample_rows, prompt_rows = logit_rows(out)
         decode_only = all(s.num_tokens == 1 for s in out.scheduled)
         graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
         if graph_bs is not None:
-            logits = self._replay(out, graph_bs)
+            # The graph computes logits for every row; a row is one request's single token.
+            all_logits = self._replay(out, graph_bs)
+            if prompt_rows:
+                self._prompt_logprobs(lambda rows: all_logits[rows], prompt_rows)
+            if not sample_rows:
+                return []
+            logits = all_logits if len(sample_rows) == len(out.scheduled) else all_logits[sample_rows]
         else:
-            input_ids, positions, md, sample_rows = self._metadata(out)
+            input_ids, positions, md = self._metadata(out)
             dev = self.device
             ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
             pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
             hidden = self.model.model(ids_t, pos_t, attention=attention)
+            if prompt_rows:
+                self._prompt_logprobs(lambda rows: self.model.lm_head(hidden[0, rows]), prompt_rows)
             if not sample_rows:
                 return []
             rows = torch.tensor(sample_rows, device=dev)
             logits = self.model.lm_head(hidden[0, rows])
-        if not sampling:
-            return []
         result = self.sampler.sample(logits.float(), sampling)
         return [StepResult(r, t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)]
+
+    def _prompt_logprobs(self, logits_of: Callable[[Tensor], Tensor], plan: list[PromptLogprobRows]) -> None:
+        """Score the planned prompt tokens (log-softmax over the whole vocabulary, as for sampled tokens)
+        and append them, with their top alternatives, to each request's `prompt_logprobs`."""
+        rows = [p.first_row + j for p in plan for j in range(len(p.targets))]
+        targets = [t for p in plan for t in p.targets]
+        k = max(p.request.sampling_params.prompt_logprobs or 0 for p in plan)
+        chosen: list[float] = []
+        top_ids: list[list[int]] = []
+        top_vals: list[list[float]] = []
+        dev = self.device
+        for a in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            idx = torch.tensor(rows[a : a + PROMPT_LOGPROB_ROWS], device=dev)
+            tgt = torch.tensor(targets[a : a + PROMPT_LOGPROB_ROWS], device=dev)
+            lp = logits_of(idx).float().log_softmax(dim=-1)
+            chosen += lp.gather(1, tgt[:, None])[:, 0].tolist()
+            if k:
+                # Alternatives come from the tokenizer's ids only: padded vocabulary rows are no tokens.
+                vals, ids = lp[:, : self.sampler.vocab_size].topk(k, dim=-1)
+                top_vals += vals.tolist()
+                top_ids += ids.tolist()
+        i = 0
+        for p in plan:
+            r = p.request
+            assert r.prompt_logprobs is not None
+            n_top = r.sampling_params.prompt_logprobs or 0
+            for t in p.targets:
+                top = list(zip(top_ids[i][:n_top], top_vals[i][:n_top], strict=True)) if n_top else []
+                r.prompt_logprobs.append(Logprob(t, chosen[i], top))
+                i += 1
 
     def release(self, request: Request) -> None:
         self.sampler.release(request)

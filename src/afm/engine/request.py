@@ -46,6 +46,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[Logprob] = field(default_factory=list)
+    # Logprobs of prompt tokens 1, 2, ... gathered so far (chunk by chunk); None when not asked for.
+    prompt_logprobs: list[Logprob] | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
@@ -64,6 +66,8 @@ class Request:
         seed = self.sampling_params.seed
         # Every request samples from its own counter-based random stream; without a seed it is random.
         self.sampling_seed = (seed if seed is not None else random.getrandbits(31)) & 0x7FFFFFFF
+        if self.prompt_logprobs is None and self.sampling_params.prompt_logprobs is not None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -93,6 +97,13 @@ class Request:
     def token_id(self, index: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+
+    @property
+    def num_prompt_logprobs_pending(self) -> int:
+        """Prompt positions whose logits must still be computed for prompt logprobs (0 when not asked)."""
+        if self.prompt_logprobs is None:
+            return 0
+        return max(0, len(self.prompt_token_ids) - 1 - len(self.prompt_logprobs))
 
     @property
     def is_finished(self) -> bool:

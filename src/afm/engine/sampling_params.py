@@ -12,6 +12,10 @@ from afm.errors import ConfigError
 _GENERATION_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request (vLLM's fields and meanings).
@@ -21,7 +25,9 @@ class SamplingParams:
     and `frequency_penalty` (OpenAI) over generated tokens. `seed` makes the request's output
     reproducible whatever else shares its batch. `stop` strings end the output and are not included;
     `stop_token_ids` and eos end it and are not included in the text. `logprobs` asks for that many
-    top alternatives per generated token (0 = only the sampled token's).
+    top alternatives per generated token (0 = only the sampled token's). `prompt_logprobs` asks for the
+    logprob of every prompt token after the first (given the tokens before it) plus that many top
+    alternatives; with it, `max_tokens` may be 0: the request only scores its prompt.
     """
 
     n: int = 1
@@ -39,6 +45,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings then cannot be used
@@ -70,14 +77,18 @@ class SamplingParams:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
             bad(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            bad("max_tokens must be >= 1; 0 is allowed only with prompt_logprobs (a request that scores its prompt)")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            bad(f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

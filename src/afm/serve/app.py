@@ -148,9 +148,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         except EngineDeadError as e:
             raise OpenAIError(str(e), 503, "service_unavailable") from None
 
-    def sampling(req: Any, max_tokens: int | None, logprobs: int | None) -> Any:
+    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> Any:
         try:
-            return req.sampling_params(defaults, max_tokens, logprobs)
+            return req.sampling_params(defaults, max_tokens, logprobs, prompt_logprobs)
         except AFMError as e:
             raise OpenAIError(str(e)) from None
 
@@ -196,15 +196,35 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                             for lp in lps]}
 
-    def completion_logprobs(lps: list[Logprob], offset: int) -> dict[str, Any]:
-        tokens, offsets = [], []
+    special_ids = frozenset(tokenizer.all_special_ids)
+
+    def completion_logprobs(lps: list[Logprob], offset: int,
+                            prompt: tuple[list[int], list[Logprob | None]] | None = None) -> dict[str, Any]:
+        """OpenAI's legacy logprobs object. With `prompt` (echo: its ids and logprobs) the prompt's tokens
+        come first, with offsets from 0 into the echoed text (which leaves special tokens out); the first
+        has null logprobs. The generated tokens' offsets start at `offset`, where the completion begins."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        if prompt is not None:
+            at = 0
+            for tid, lp in zip(*prompt, strict=True):
+                text = token_text(tid)
+                tokens.append(text)
+                offsets.append(at)
+                at += 0 if tid in special_ids else len(text)
+                token_logprobs.append(None if lp is None else lp.logprob)
+                top_logprobs.append(None if lp is None else {token_text(t): v for t, v in lp.top})
         for lp in lps:
             text = token_text(lp.token_id)
             tokens.append(text)
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+            token_logprobs.append(lp.logprob)
+            top_logprobs.append({token_text(t): v for t, v in lp.top})
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
 
     def sse(data: dict[str, Any]) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
@@ -346,7 +366,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check_model(req.model)
-        params = sampling(req, req.max_tokens, req.logprobs)
+        params = sampling(req, req.max_tokens, req.logprobs, req.prompt_logprobs_count())
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompts = req.prompts()
         prompt_ids: list[list[int]] = []
@@ -365,9 +385,17 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         n_prompt = sum(len(ids) for ids in prompt_ids)
         echo = [tokenizer.decode(ids) if req.echo else "" for ids in prompt_ids]
         model = served_model_name
+        echo_logprobs = req.echo and req.logprobs is not None
 
         def index(prompt_idx: int, o: CompletionOutput) -> int:
             return prompt_idx * params.n + o.index
+
+        def prompt_part(i: int, out: RequestOutput) -> tuple[list[int], list[Logprob | None]] | None:
+            if not echo_logprobs:
+                return None
+            if out.prompt_logprobs is None:
+                raise OpenAIError("the engine returned no prompt logprobs", 500, "internal_server_error")
+            return prompt_ids[i], out.prompt_logprobs
 
         if not req.stream:
             outs = await collect(streams, request)
@@ -375,7 +403,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             choices = [{
                 "index": index(i, o),
                 "text": echo[i] + o.text,
-                "logprobs": completion_logprobs(o.logprobs or [], len(echo[i])) if req.logprobs is not None else None,
+                "logprobs": (completion_logprobs(o.logprobs or [], len(echo[i]), prompt_part(i, out))
+                             if req.logprobs is not None else None),
                 "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason,
             } for i, out in enumerate(outs) for o in out.outputs]
@@ -389,22 +418,27 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
             finals: dict[int, RequestOutput] = {}
             offsets = {(i, j): len(echo[i]) for i in range(len(prompts)) for j in range(params.n)}
             echoed: set[tuple[int, int]] = set()
+            ended: set[tuple[int, int]] = set()
             try:
                 async for i, out in merged(streams):
                     if out.finished:
                         finals[i] = out
                     for o in out.outputs:
                         key = (i, o.index)
-                        prefix = "" if key in echoed else echo[i]
+                        first = key not in echoed  # the echo, and its logprobs, go with the first output
                         echoed.add(key)
-                        if prefix or o.delta_text or (req.logprobs is not None and o.delta_logprobs):
+                        prefix = echo[i] if first else ""
+                        if (first and req.echo) or o.delta_text or (req.logprobs is not None and o.delta_logprobs):
                             lps = None
                             if req.logprobs is not None:
-                                lps = completion_logprobs(o.delta_logprobs, offsets[key])
-                            offsets[key] += len(o.delta_text)
+                                lps = completion_logprobs(o.delta_logprobs, offsets[key],
+                                                          prompt_part(i, out) if first else None)
+                                # Advance as the non-streamed offsets do: by each token's own text.
+                                offsets[key] += sum(len(token_text(lp.token_id)) for lp in o.delta_logprobs)
                             yield sse({**base, "choices": [{"index": index(i, o), "text": prefix + o.delta_text,
                                                             "logprobs": lps, "finish_reason": None}]})
-                        if _just_finished(o):
+                        if o.finished and key not in ended:  # once per sequence, even with no tokens
+                            ended.add(key)
                             yield sse({**base, "choices": [{"index": index(i, o), "text": "", "logprobs": None,
                                                             "finish_reason": o.finish_reason,
                                                             "stop_reason": o.stop_reason}]})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from afm.engine.sampling_params import SamplingParams
 
@@ -75,7 +75,8 @@ class _Sampling(BaseModel):
             raise ValueError("logit_bias is not supported")
         return self
 
-    def sampling_params(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         def pick(name: str) -> Any:
             value = getattr(self, name)
             return value if value is not None else defaults.get(name)
@@ -97,6 +98,7 @@ class _Sampling(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
@@ -151,12 +153,31 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    """`echo` returns the prompt before the completion; with `logprobs`, the prompt tokens' logprobs too
+    (null for the first token, which has no context). `max_tokens` 0 with `echo` only scores the prompt."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False  # before max_tokens, whose check reads it
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("must be at least 1; 0 is allowed only with echo: true (the prompt is scored, "
+                             "nothing is generated)")
+        return v
+
+    def prompt_logprobs_count(self) -> int | None:
+        """How many alternatives to return per prompt token (None: prompt logprobs are not needed)."""
+        if not self.echo:
+            return None
+        if self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.max_tokens == 0 else None  # the engine only runs a max_tokens 0 request to score it
 
     @model_validator(mode="after")
     def _checks(self) -> CompletionRequest:
