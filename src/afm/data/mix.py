@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from afm.data.document import Document, read_jsonl
+from afm.data.heldout import document_heldout
 from afm.errors import AFMError
 
 log = logging.getLogger(__name__)
@@ -73,24 +74,36 @@ class MixPlan:
     counts: dict[str, int]  # documents per group
     repeats: dict[str, float] = field(default_factory=dict)  # how many times each group is used
     seed: int = 0
+    heldout: float = 0.0  # the fraction of documents held out for evaluation (afm.data.heldout)
+    heldout_seed: int = 0
 
     def to_json(self) -> dict:
         return {"mixture": self.mixture.name, "weights": self.mixture.weights, "available_chars": self.available,
-                "documents": self.counts, "repeats": self.repeats, "seed": self.seed}
+                "documents": self.counts, "repeats": self.repeats, "seed": self.seed, "heldout": self.heldout,
+                "heldout_seed": self.heldout_seed}
+
+    def training_docs(self, path: Path) -> Iterator[Document]:
+        for doc in read_jsonl(path):
+            if not document_heldout(doc, self.heldout, self.heldout_seed):
+                yield doc
 
 
 def plan_mixture(files: list[Path], mixture: Mixture, *, total_chars: int | None = None, max_repeat: float = 4.0,
-                 seed: int = 0) -> MixPlan:
+                 seed: int = 0, heldout: float = 0.0, heldout_seed: int = 0) -> MixPlan:
     """Measure each group in the curated files and decide how many times to use it.
 
     `total_chars` defaults to the largest output no group needs more than `max_repeat` passes for.
+    Documents held out by afm.data.heldout at `heldout` (fraction) and `heldout_seed` are left out.
     """
     mixture.validate()
+    if not 0 <= heldout < 1:
+        raise AFMError(f"heldout must be a fraction in [0, 1), got {heldout}")
     keys = set(mixture.weights)
     available = dict.fromkeys(keys, 0)
     counts = dict.fromkeys(keys, 0)
+    probe = MixPlan(mixture, list(files), {}, {}, heldout=heldout, heldout_seed=heldout_seed)
     for path in files:
-        for doc in read_jsonl(path):
+        for doc in probe.training_docs(path):
             g = group_of(doc, keys)
             if g is not None:
                 available[g] += len(doc.text)
@@ -112,7 +125,7 @@ def plan_mixture(files: list[Path], mixture: Mixture, *, total_chars: int | None
             log.warning("mixture %s: group %s would repeat %.1f times; capped at %.1f", mixture.name, k, r, max_repeat)
             r = max_repeat
         repeats[k] = r
-    return MixPlan(mixture, list(files), available, counts, repeats, seed)
+    return MixPlan(mixture, list(files), available, counts, repeats, seed, heldout, heldout_seed)
 
 
 def iter_mixture(plan: MixPlan) -> Iterator[Document]:
@@ -127,7 +140,7 @@ def iter_mixture(plan: MixPlan) -> Iterator[Document]:
         for epoch in range(whole + (1 if sample else 0)):
             i = 0
             for path in plan.files:
-                for doc in read_jsonl(path):
+                for doc in plan.training_docs(path):
                     if group_of(doc, keys) != group:
                         continue
                     if epoch < whole or i in sample:

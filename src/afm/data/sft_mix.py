@@ -7,19 +7,22 @@
 - definitions: WordNet glosses ("What does 'word' mean?").
 
 Each example is `{"messages": [...], "source", "task", "answer"}` (`answer` where one is checkable).
-A deterministic hash of each example sends `heldout` of them to `heldout.jsonl`, never trained on.
+Examples made from a held-out document (afm.data.heldout: a hash of its source and id) go to
+`heldout.jsonl`, never trained on; mixing with the same fraction and seed keeps those documents out of
+pre-training too, so a held-out question was never seen at any stage.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from afm.data.heldout import heldout_key, is_heldout
 from afm.errors import AFMError
 from afm.io import atomic_write_text
 
@@ -36,8 +39,11 @@ def _docs(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
-def _example(messages: list[dict[str, str]], source: str, task: str, answer: str | None = None) -> dict[str, Any]:
-    return {"messages": messages, "source": source, "task": task, "answer": answer}
+def _example(messages: list[dict[str, str]], source: str, task: str, answer: str | None = None, *,
+             doc: dict[str, Any]) -> dict[str, Any]:
+    # `key` ties the example to the document it was made from: the held-out rule of afm.data.heldout.
+    return {"messages": messages, "source": source, "task": task, "answer": answer,
+            "key": heldout_key(str(doc.get("source", source)), str(doc.get("id", "")), doc.get("meta"))}
 
 
 def math_examples(sources: Path, limit: int) -> Iterator[dict[str, Any]]:
@@ -49,7 +55,7 @@ def math_examples(sources: Path, limit: int) -> Iterator[dict[str, Any]]:
             continue
         yield _example([{"role": "user", "content": question},
                         {"role": "assistant", "content": f"The answer is {answer}.\n#### {answer}"}],
-                       "reasoning-gym", f"math:{d['meta'].get('dataset', '')}", answer)
+                       "reasoning-gym", f"math:{d['meta'].get('dataset', '')}", answer, doc=d)
         n += 1
         if n >= limit:
             return
@@ -63,7 +69,7 @@ def conversation_examples(sources: Path, limit: int) -> Iterator[dict[str, Any]]
             continue
         turns = turns[: len(turns) // 2 * 2]
         messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(t)} for i, t in enumerate(turns)]
-        yield _example(messages, "chatterbot", f"chat:{d['meta'].get('lang', '')}")
+        yield _example(messages, "chatterbot", f"chat:{d['meta'].get('lang', '')}", doc=d)
         n += 1
         if n >= limit:
             return
@@ -88,7 +94,8 @@ def translation_examples(sources: Path, per_language: int) -> Iterator[dict[str,
             continue
         by_lang[locale] = by_lang.get(locale, 0) + 1
         yield _example([{"role": "user", "content": f"Translate into {name}: {source}"},
-                        {"role": "assistant", "content": d["text"]}], "libreoffice", f"translate:{locale}", d["text"])
+                        {"role": "assistant", "content": d["text"]}],
+                       "libreoffice", f"translate:{locale}", d["text"], doc=d)
 
 
 _SENSE = re.compile(r"^\s*1\.\s+(.+)$", re.MULTILINE)
@@ -106,16 +113,10 @@ def definition_examples(sources: Path, limit: int) -> Iterator[dict[str, Any]]:
             continue
         yield _example([{"role": "user", "content": f"What does \"{word}\" mean?"},
                         {"role": "assistant", "content": f"\"{word[0].upper() + word[1:]}\" means {gloss}."}],
-                       "wordnet", "define")
+                       "wordnet", "define", doc=d)
         n += 1
         if n >= limit:
             return
-
-
-def _heldout(example: dict[str, Any], fraction: float, seed: int) -> bool:
-    key = json.dumps(example["messages"], sort_keys=True, ensure_ascii=False)
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
 
 
 def build_sft_data(starter_dir: str | Path, out_dir: str | Path, *, heldout: float = 0.05, seed: int = 0,
@@ -132,12 +133,16 @@ def build_sft_data(starter_dir: str | Path, out_dir: str | Path, *, heldout: flo
                   translation_examples(sources, translations_per_language), definition_examples(sources, definitions)]
     for gen in generators:
         for ex in gen:
-            split = "heldout" if _heldout(ex, heldout, seed) else "train"
+            split = "heldout" if is_heldout(ex.pop("key"), heldout, seed) else "train"
             (held if split == "heldout" else train).append(json.dumps(ex, ensure_ascii=False))
             family = ex["task"].split(":")[0]
             counts.setdefault(family, {"train": 0, "heldout": 0})[split] += 1
     if not train:
         raise AFMError(f"{starter_dir}: no SFT examples could be made (are the sources there?)")
+    # Interleave the tasks, so that the first N held-out examples are a fair sample of all of them.
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(held)
     out = Path(out_dir)
     atomic_write_text(out / "train.jsonl", "\n".join(train) + "\n")
     atomic_write_text(out / "heldout.jsonl", "\n".join(held) + "\n")

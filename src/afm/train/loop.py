@@ -80,6 +80,23 @@ def extend_context(model: AFMForCausalLM, ext: Any) -> None:
     model.model.rotary_emb.reset_parameters()
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to compute in bf16 (over fp32 master weights).
+
+    "auto": on GPUs, not on CPUs. "bf16-native": wherever the hardware multiplies bf16 natively (GPUs,
+    CPUs with AVX512-BF16 or AMX), where it is 2-3x faster than fp32. "bf16" / "fp32": as named.
+    """
+    if precision in ("bf16", "fp32"):
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    if precision == "bf16-native":
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool((probe and probe()) or (amx and amx()))
+    return False
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (projections, embeddings, head); none on norms."""
     decay, no_decay = [], []
@@ -221,7 +238,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.json", json.dumps(to_dict(config), indent=2))
     seed_everything(config.seed + info.rank)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and info.device.type == "cuda")
+    bf16 = use_bf16(config.precision, info.device)
     model = make_model(config, info.device)
     state = TrainerState()
     resume_from = checkpoint.latest(run_dir)
