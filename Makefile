@@ -21,12 +21,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Until the speedrun lands: initialise the nano model (with a BPE tokenizer trained on the Python
-# standard library), save it in the Hugging Face layout, inspect it and generate from it.
+# The main job: the nano speedrun, raw text to a chat model with a report card
+# (runs/speedrun-nano/report.md). Running it again resumes where it stopped.
 run: $(BIN)/.installed
-	$(BIN)/afm init --preset afm-nano runs/nano-init --force
-	$(BIN)/afm info runs/nano-init
-	$(BIN)/afm generate runs/nano-init --prompt "def fibonacci(n):" --max-tokens 48 --seed 0
+	$(BIN)/afm speedrun --preset nano --out runs/speedrun-nano
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

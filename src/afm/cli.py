@@ -361,17 +361,32 @@ def cmd_data_mix(args: argparse.Namespace) -> int:
     from afm.data.shards import tokenize_documents
     from afm.tokenizer import Tokenizer
 
-    curated = Path(args.curated)
-    files = sorted((curated / "curated" if (curated / "curated").is_dir() else curated).glob("*.jsonl.gz"))
-    if not files:
-        raise AFMError(f"{curated}: no curated .jsonl.gz parts (run `afm data curate` first)")
+    files = _curated_parts(Path(args.curated))
     mixture = load_mixture_file(args.mixture) if args.mixture.endswith(".json") else get_mixture(args.mixture)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    plan = plan_mixture(files, mixture, total_chars=args.total_chars, seed=args.seed)
+    plan = plan_mixture(files, mixture, total_chars=args.total_chars, seed=args.seed, heldout=args.heldout,
+                        heldout_seed=args.heldout_seed)
     index = tokenize_documents((d.text for d in iter_mixture(plan)), tokenizer, args.out,
                                meta={"mix": plan.to_json(), "tokenizer": str(Path(args.tokenizer).resolve())})
     print(f"{args.out}: {index['tokens']:,} tokens in {index['documents']:,} documents, "
           f"{len(index['shards'])} shard(s) ({index['dtype']})", file=sys.stderr)
+    return 0
+
+
+def _curated_parts(curated: Path) -> list[Path]:
+    files = sorted((curated / "curated" if (curated / "curated").is_dir() else curated).glob("*.jsonl.gz"))
+    if not files:
+        raise AFMError(f"{curated}: no curated .jsonl.gz parts (run `afm data curate` first)")
+    return files
+
+
+def cmd_data_heldout(args: argparse.Namespace) -> int:
+    from afm.data.heldout import write_heldout
+
+    counts = write_heldout(_curated_parts(Path(args.curated)), args.out, args.fraction, args.seed,
+                           args.per_language, args.min_chars)
+    print(f"{args.out}: {sum(counts.values()):,} documents ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})",
+          file=sys.stderr)
     return 0
 
 
@@ -428,6 +443,96 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     for path in plot_run(Path(args.run_dir), Path(args.out) if args.out else None):
         print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm tokenizer train
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from afm.data.document import read_jsonl
+    from afm.data.readers import discover
+    from afm.tokenizer.train import train_bpe
+
+    files = [f for f in discover(args.inputs) if f.name.endswith((".jsonl", ".jsonl.gz"))]
+    budget = int(args.max_chars)
+
+    def texts():  # an even sample of every file, up to the character budget
+        per_file = budget // max(1, len(files))
+        for path in files:
+            used = 0
+            for doc in read_jsonl(path):
+                yield doc.text
+                used += len(doc.text)
+                if used >= per_file:
+                    break
+
+    tokenizer = train_bpe(texts(), args.vocab_size, model_max_length=args.model_max_length, show_progress=False)
+    tokenizer.save_pretrained(args.out)
+    print(f"{args.out}: {tokenizer.vocab_size} tokens", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm rl grpo | dpo | pairs
+
+
+def cmd_rl_grpo(args: argparse.Namespace) -> int:
+    from afm.rl.grpo import GRPOConfig, load_rl_config, train_grpo
+
+    print(json.dumps(train_grpo(load_rl_config(GRPOConfig, args.recipe, args.overrides)), indent=2))
+    return 0
+
+
+def cmd_rl_dpo(args: argparse.Namespace) -> int:
+    from afm.rl.dpo import DPOConfig, train_dpo
+    from afm.rl.grpo import load_rl_config
+
+    print(json.dumps(train_dpo(load_rl_config(DPOConfig, args.recipe, args.overrides)), indent=2))
+    return 0
+
+
+def cmd_rl_pairs(args: argparse.Namespace) -> int:
+    from afm.rl.dpo import build_pairs
+
+    counts = build_pairs(args.model, args.env, args.out, n_prompts=args.prompts, samples=args.samples, seed=args.seed)
+    print(f"{args.out}: {counts['pairs']} pairs from {counts['prompts']} prompts", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from afm.eval.harness import evaluate, render_markdown, write_results
+
+    results = evaluate(
+        args.path, args.tasks, limit=args.limit, max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+        batch=args.batch, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        unigram_from=args.unigram_from, unigram_max_tokens=int(args.unigram_max_tokens), ppl_stride=args.ppl_stride,
+        seed=args.seed, chat={"auto": None, "yes": True, "no": False}[args.chat],
+        humaneval_timeout_s=args.humaneval_timeout, samples=args.samples,
+    )
+    write_results(results, args.output, args.markdown)
+    print(render_markdown(results), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# afm speedrun
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from afm.speedrun import Speedrun, get_preset
+
+    preset = get_preset(args.preset)
+    run = Speedrun(preset, args.out or f"runs/speedrun-{preset.name}", starter=args.starter)
+    run.run(from_stage=args.from_stage, until=args.until)
+    report = run.out / "report.md"
+    if report.exists():
+        print(f"report: {report}\ninstruct model: {run.instruct} (afm chat {run.instruct})")
     return 0
 
 
@@ -499,10 +604,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--dotted.key value pairs")
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("rl", help="reinforcement learning: GRPO on verifiable rewards, DPO on preference pairs")
+    rl = p.add_subparsers(dest="rl_command", metavar="RL", required=True)
+    r = rl.add_parser("grpo", help="GRPO over an environment (rollouts through afm's engine)")
+    r.add_argument("recipe", help="recipes/NAME.yaml or a .yaml file")
+    r.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+    r.set_defaults(func=cmd_rl_grpo)
+    r = rl.add_parser("dpo", help="DPO on preference pairs (prompt, chosen, rejected)")
+    r.add_argument("recipe", help="recipes/NAME.yaml or a .yaml file")
+    r.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+    r.set_defaults(func=cmd_rl_dpo)
+    r = rl.add_parser("pairs", help="make preference pairs from verifier outcomes (a correct and a wrong reply)")
+    r.add_argument("--model", required=True)
+    r.add_argument("--env", default="arithmetic", help="arithmetic, arithmetic-retry, code, reasoning-gym:<name>")
+    r.add_argument("--out", required=True)
+    r.add_argument("--prompts", type=int, default=200)
+    r.add_argument("--samples", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_rl_pairs)
+
     p = sub.add_parser("plot", help="draw a run's loss curves (and learning rate) to PNG")
     p.add_argument("run_dir", help="a training run directory (with metrics.jsonl)")
     p.add_argument("--out", help="output directory (default: the run directory)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (with AFM's chat format) on documents")
+    tk = p.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER", required=True)
+    t = tk.add_parser("train", help="train on JSONL documents (e.g. a curate output's curated/ parts)")
+    t.add_argument("inputs", nargs="+", help="JSONL(.gz) files or folders")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="output directory (tokenizer.json, tokenizer_config.json)")
+    t.add_argument("--max-chars", type=float, default=2e7, help="characters to train on (default 20M)")
+    t.add_argument("--model-max-length", type=int, default=None)
+    t.set_defaults(func=cmd_tokenizer_train)
 
     p = sub.add_parser("data", help="data: fetch the starter corpus, curate, mix and tokenize, rephrase")
     data = p.add_subparsers(dest="data_command", metavar="DATA", required=True)
@@ -528,7 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="shard directory")
     d.add_argument("--total-chars", type=int, help="size of the mixture (default: what the weights allow)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--heldout", type=float, default=0.05,
+                   help="fraction of documents kept out for evaluation (default 0.05, as sft-mix)")
+    d.add_argument("--heldout-seed", type=int, default=0, help="the held-out seed (sft-mix's --seed)")
     d.set_defaults(func=cmd_data_mix)
+    d = data.add_parser("heldout", help="write the held-out documents of curated data (for evaluation)")
+    d.add_argument("curated", help="a curate output directory (or a folder of curated parts)")
+    d.add_argument("out", help="output .jsonl.gz file")
+    d.add_argument("--fraction", type=float, default=0.05, help="as mix's --heldout (default 0.05)")
+    d.add_argument("--seed", type=int, default=0, help="as mix's --heldout-seed")
+    d.add_argument("--per-language", type=int, default=200, help="at most this many documents per language")
+    d.add_argument("--min-chars", type=int, default=200)
+    d.set_defaults(func=cmd_data_heldout)
     d = data.add_parser("sft-mix", help="make SFT conversations (train and held-out) from the starter corpus")
     d.add_argument("starter", help="a starter corpus directory (afm data fetch starter)")
     d.add_argument("out", help="output directory (train.jsonl, heldout.jsonl)")
@@ -546,6 +691,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data_rephrase)
 
+    p = sub.add_parser("eval", help="evaluate a checkpoint: multiple choice, perplexity per language, chat, "
+                       "reasoning-gym, HumanEval (JSON and Markdown reports)",
+                       description="afm eval PATH --tasks mc:arc.jsonl,ppl:heldout/,chat:heldout.jsonl,"
+                                   "reasoning-gym:basic_arithmetic,humaneval:problems.jsonl,task.yaml (docs/eval.md)")
+    p.add_argument("path", help="checkpoint directory (or .gguf file)")
+    p.add_argument("--tasks", required=True, help="comma-separated task specs: mc:FILE, gen:FILE, FILE.jsonl, "
+                   "FILE.yaml (lm-eval), ppl:DIR, chat:FILE, reasoning-gym:NAME, humaneval:FILE")
+    p.add_argument("--limit", type=int, help="at most N examples per task (documents per language for ppl)")
+    p.add_argument("--max-model-len", type=int, help="context for scoring and generation (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=float, help="KV cache size (default: 2 GiB on CPU, free memory on GPU)")
+    p.add_argument("--batch", type=int, help="most requests in the engine's running batch (default 256)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest generated answer (default 256)")
+    p.add_argument("--unigram-from", help="training sample (JSONL documents or a shard directory) for the ppl "
+                   "tasks' unigram baseline")
+    p.add_argument("--unigram-max-tokens", type=float, default=2e7, help="tokens to count for it (default 2e7)")
+    p.add_argument("--ppl-stride", type=int, help="strided ppl windows advancing this many tokens "
+                   "(default: non-overlapping windows)")
+    p.add_argument("--seed", type=int, default=1_000_003, help="reasoning-gym problem seed (default: GRPO's held-out)")
+    p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
+                   help="chat template for prompt-style questions, reasoning-gym and HumanEval (default auto)")
+    p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per HumanEval program (default 10)")
+    p.add_argument("--samples", type=int, default=3, help="example outputs kept per task in the JSON (default 3)")
+    p.add_argument("--output", help="write the results as JSON to this file")
+    p.add_argument("--markdown", help="write the Markdown tables to this file")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("speedrun", help="the whole pipeline in one command: raw text to a served instruct model, "
+                       "with a report card (report.md)")
+    p.add_argument("--preset", default="nano", help="nano (the 2-core CPU run, ~30 min) or micro (minutes; CI)")
+    p.add_argument("--out", help="run directory (default runs/speedrun-PRESET); rerunning resumes it")
+    p.add_argument("--starter", help="an existing starter corpus directory (afm data fetch starter) to use")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="redo this stage and every later one (fetch, curate, tokenizer, data, pretrain, sft, rl, "
+                        "eval, report)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.set_defaults(func=cmd_speedrun)
     p = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible HTTP API and a web chat page")
     p.add_argument("path", help="checkpoint directory or .gguf file")
     p.add_argument("--host", default="127.0.0.1")

@@ -1,0 +1,1 @@
+"""Reinforcement learning on verifiable rewards (GRPO over environments) and preference optimisation (DPO)."""
