@@ -46,7 +46,7 @@ def main() -> None:
     print("| " + " | ".join(stages) + " | total |")
     print("| " + " | ".join("---:" for _ in stages) + " | ---: |")
     print("| " + " | ".join(f"{s['seconds']:.0f} s" for s in stages.values()) + f" | {total / 60:.1f} min |\n")
-    print("\n".join(headline(results, state)) + "\n")
+    print("\n".join(headline(results)) + "\n")
     print("\n".join(eval_table(results, primary_only=True)))
     rl = stages.get("rl", {}).get("info", {})
     if rl.get("eval_before") and rl.get("eval_after"):

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -91,6 +90,16 @@ def test_every_shipped_rl_recipe_loads(recipe):
     kind = yaml.safe_load((RECIPE_DIR / f"{recipe}.yaml").read_text())["kind"]
     config = load_rl_config(GRPOConfig if kind == "grpo" else DPOConfig, recipe)
     assert config.name == recipe and config.model
+
+
+def test_recipes_name_the_command_that_runs_them():
+    from afm.rl.dpo import DPOConfig
+    from afm.rl.grpo import load_rl_config
+
+    with pytest.raises(ConfigError, match="is a grpo recipe; run it with `afm rl grpo`"):
+        load_recipe("nano-grpo")
+    with pytest.raises(ConfigError, match="is a grpo recipe; run it with `afm rl grpo`"):
+        load_rl_config(DPOConfig, "nano-grpo")
 
 
 def test_afm_recipe_has_the_real_shape_and_phases():

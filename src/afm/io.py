@@ -1,11 +1,20 @@
-"""Atomic file writes: a file is either its old content or its complete new content, never half."""
+"""Atomic file writes (a file is either its old content or its complete new content, never half) and
+reading text that may be gzip-compressed."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
+
+
+def open_text(path: str | Path) -> TextIO:
+    """Open a UTF-8 text file for reading, decompressing it when its name ends in `.gz`."""
+    path = Path(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")  # noqa: SIM115 - the caller closes it
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

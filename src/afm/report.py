@@ -177,7 +177,7 @@ def write_report(run: Speedrun) -> Path:
         from afm.speedrun import curate_summary  # a run recorded before the summary existed
 
         curate["info"] = curate_summary(json.loads((run.curated / "report.json").read_text()))
-    lines += ["## Headline", ""] + headline(results, state) + [""]
+    lines += ["## Headline", ""] + headline(results) + [""]
     if results:
         lines += eval_table(results, primary_only=True) + [""]
     lines += ["## Stages", "", "| stage | time | result |", "| --- | --- | --- |"]
@@ -222,7 +222,7 @@ def write_report(run: Speedrun) -> Path:
 
 
 def _pct(e: dict[str, Any], prefix: str = "") -> str:
-    from afm.eval.chat import wilson
+    from afm.eval.stats import wilson
 
     correct, n = int(e.get(f"{prefix}correct") or 0), int(e.get("n") or 0)
     lo, hi = wilson(correct, n)
@@ -256,7 +256,7 @@ def _ci(t: dict[str, Any], metric: str) -> str:
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{value:.3f}"
 
 
-def headline(results: dict[str, Any], state: dict[str, Any]) -> list[str]:
+def headline(results: dict[str, Any]) -> list[str]:
     """The claims a reader checks first: the base model against trivial baselines, then what SFT and RL
     changed, each with its 95% interval."""
     out: list[str] = []

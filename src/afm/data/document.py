@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afm.io import atomic_write
+from afm.io import atomic_write, open_text
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ def read_jsonl(path: str | Path, default_source: str | None = None) -> Iterator[
     logged with their line number."""
     path = Path(path)
     source = default_source or path.name.split(".")[0]
-    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-    with opened as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue

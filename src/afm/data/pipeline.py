@@ -279,7 +279,7 @@ def curate(config: CurateConfig) -> dict[str, Any]:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    lines = [f"# Curation report\n", f"{report['inputs']} input files, {report['seconds']:.1f} s.\n",
+    lines = ["# Curation report\n", f"{report['inputs']} input files, {report['seconds']:.1f} s.\n",
              "## Stages\n", "| stage | docs in | docs out | chars in | chars out | dropped (reason: docs) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in report["stages"].items():

@@ -12,7 +12,6 @@ normalised (whitespace, case, a trailing full stop).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from afm.errors import AFMError
+from afm.eval.stats import wilson
 
 _FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
@@ -55,16 +55,6 @@ def load_heldout(path: str | Path, limit: int | None = None) -> list[ChatExample
     if not out:
         raise AFMError(f"{path}: no conversation ending with an assistant turn")
     return out
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass

@@ -23,7 +23,6 @@ beats it is what context buys.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from afm.errors import AFMError
+from afm.io import open_text
 from afm.eval.loglik import CHUNK, max_scored_length, prefix_token_id, sequence_logprobs
 from afm.eval.stats import bootstrap_ci, flatten, metric
 
@@ -61,8 +61,7 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    with opened as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue

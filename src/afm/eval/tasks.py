@@ -29,7 +29,6 @@ Every error names the file and line and says what to change.
 from __future__ import annotations
 
 import ast
-import gzip
 import json
 import re
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from afm.errors import AFMError
+from afm.io import open_text
 
 
 class TaskFileError(AFMError):
@@ -103,8 +103,7 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise _fail(f"{path}: item {i}", "is not a JSON object", "make every item an object")
             yield f"{path}: item {i}", record
         return
-    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    with opened as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -19,7 +19,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DPOConfig:
+    KIND: ClassVar[str] = "dpo"
     name: str = "dpo"
     out_dir: str = "runs/{name}"
     model: str = "runs/nano-sft/export/sft"

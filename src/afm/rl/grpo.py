@@ -25,10 +25,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from afm.engine import LLM, SamplingParams
 from afm.errors import ConfigError
@@ -38,7 +37,7 @@ from afm.model.hf import load_pretrained, save_pretrained
 from afm.rl.env import Environment, Sample
 from afm.rl.envs import make_env
 from afm.tokenizer import Tokenizer
-from afm.train.config import RECIPE_DIR, _build, apply_overrides
+from afm.train.config import _build, read_recipe
 from afm.train.sft import render
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GRPOConfig:
+    KIND: ClassVar[str] = "grpo"
     name: str = "grpo"
     out_dir: str = "runs/{name}"
     model: str = "runs/nano-sft/export/sft"
@@ -93,13 +93,12 @@ class GRPOConfig:
 
 
 def load_rl_config(cls: type, name_or_path: str, overrides: list[str] | None = None) -> Any:
-    path = Path(name_or_path)
-    if not path.exists():
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no RL recipe {name_or_path!r} (a .yaml file or recipes/NAME.yaml)")
-    data = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
-    data.pop("kind", None)
+    """A GRPOConfig or DPOConfig from a recipe whose `kind` (grpo, dpo) matches the class's `KIND`."""
+    path, data = read_recipe(name_or_path, overrides)
+    kind = data.pop("kind", cls.KIND)
+    if kind != cls.KIND:
+        raise ConfigError(f"{path} is a {kind} recipe; run it with `afm rl {kind}`"
+                          if kind in ("grpo", "dpo") else f"{path}: kind {kind!r} is not an RL recipe")
     return _build(cls, data, path.stem)
 
 

@@ -184,15 +184,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
+def read_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """A recipe's YAML (recipes/NAME.yaml or a file) as plain data, with `--key value` overrides applied."""
     path = recipe_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    data = apply_overrides(data, overrides or [])
-    config = _build(TrainConfig, data, path.stem)
-    return config
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
+    return path, apply_overrides(data, overrides or [])
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
+    path, data = read_recipe(name_or_path, overrides)
+    if "kind" in data:  # RL recipes say which trainer runs them
+        raise ConfigError(f"{path} is a {data['kind']} recipe; run it with `afm rl {data['kind']}`")
+    return _build(TrainConfig, data, path.stem)
 
 
 # ---- validation -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from afm.data.shards import Batch
 from afm.errors import AFMError
+from afm.io import open_text
 from afm.tokenizer import Tokenizer, render_chat
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ def load_conversations(path: str | Path) -> Iterator[list[dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise AFMError(f"{path}: no such SFT data file")
-    opener = __import__("gzip").open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
