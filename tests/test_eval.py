@@ -432,3 +432,21 @@ def test_cli_end_to_end(tmp_path, model, tok):
     r = subprocess.run([python(), "-m", "afm", "eval", str(ckpt), "--tasks", str(bad)], check=False,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and f"{bad}:2: `!function`" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_paired_difference_counts_changed_problems_and_matches_an_exact_binomial_test():
+    from afm.eval.stats import paired_difference
+
+    before = [True] * 30 + [False] * 70
+    after = [True] * 25 + [False] * 5 + [True] * 20 + [False] * 50  # 5 lost, 20 gained
+    r = paired_difference(before, after)
+    assert (r["n"], r["gained"], r["lost"]) == (100, 20, 5)
+    assert r["difference"] == pytest.approx(0.15)
+    lo, hi = r["ci95"]
+    assert lo < 0.15 < hi and lo > 0  # 20 vs 5 changes is a real gain
+    scipy_stats = pytest.importorskip("scipy.stats", reason="scipy gives the reference binomial test")
+    assert r["p_value"] == pytest.approx(scipy_stats.binomtest(5, 25, 0.5).pvalue)
+    same = paired_difference(before, before)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([True], [True, False])

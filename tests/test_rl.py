@@ -136,6 +136,10 @@ def test_grpo_raises_reward(checkpoint, tmp_path, monkeypatch):
     assert last > first + 0.2
     assert {"reward_std", "accuracy", "completion_length", "kl", "clip_fraction"} <= set(rows[0])
     assert summary["eval_after"]["accuracy"] >= summary["eval_before"]["accuracy"]
+    change = summary["change"]["greedy"]  # the same held-out problems, compared pairwise
+    assert change["n"] == 16 and change["difference"] == pytest.approx(
+        summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"])
+    assert change["ci95"][0] <= change["difference"] <= change["ci95"][1] and 0 <= change["p_value"] <= 1
     assert (tmp_path / "t" / "export" / "config.json").exists()
 
 

@@ -46,6 +46,7 @@ def test_micro_speedrun_end_to_end(tmp_path, monkeypatch):
         assert section in report
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file() and (out / image).stat().st_size > 1000
+    assert "paired on the same problems" in report and "McNemar" in report
     header = next(line for line in report.splitlines() if line.startswith("| task | n | metric |"))
     assert all(stage in header for stage in ("pretrain", "midtrain", "sft", "rl"))
     assert "bits_per_byte" in report and "baseline" in report

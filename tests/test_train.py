@@ -113,6 +113,11 @@ def test_afm_recipe_has_the_real_shape_and_phases():
 def test_overrides_and_bad_recipes(tmp_path):
     config = load_recipe("micro", ["--optim.lr", "1e-4", "--phases.1.steps", "3", "--name", "x"])
     assert config.optim.lr == 1e-4 and config.phases[1].steps == 3 and config.name == "x"
+    # --key=value works too, and only the key's dashes become underscores
+    config = load_recipe("micro", ["--optim.lr=2e-4", "--out-dir=/tmp/a-b", "--phases.1.steps", "4"])
+    assert config.optim.lr == 2e-4 and config.out_dir == "/tmp/a-b" and config.phases[1].steps == 4
+    with pytest.raises(ConfigError, match="--name has no value"):
+        load_recipe("micro", ["--name"])
     with pytest.raises(ConfigError, match="unknown key.*lrr"):
         load_recipe("micro", ["--optim.lrr", "1"])
     with pytest.raises(ConfigError, match="no recipe 'nope'"):

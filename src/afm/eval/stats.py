@@ -54,6 +54,24 @@ def graded(values: Sequence[float], baseline: float | None = None, lo: float = 0
     return metric(value, stderr=stderr, ci95=normal_ci(value, stderr, lo, hi), baseline=baseline)
 
 
+def paired_difference(before: Sequence[bool], after: Sequence[bool]) -> dict[str, Any]:
+    """Accuracy after minus before on the same problems: the difference, a 95% interval and McNemar's
+    exact two-sided p-value. Pairing counts only the problems that changed (gained vs lost), so it sees
+    a real change that two overlapping Wilson intervals would hide."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists; got {len(before)} and {len(after)}")
+    n = len(before)
+    gained = sum(1 for b, a in zip(before, after) if a and not b)
+    lost = sum(1 for b, a in zip(before, after) if b and not a)
+    diff = (gained - lost) / n
+    # Wald interval for a difference of paired proportions.
+    stderr = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2.0 ** discordant
+    return {"n": n, "gained": gained, "lost": lost, "difference": diff,
+            "ci95": normal_ci(diff, stderr, -1.0, 1.0), "p_value": min(1.0, 2 * tail)}
+
+
 def bootstrap_ci(numerators: Sequence[float] | np.ndarray, denominators: Sequence[float] | np.ndarray,
                  statistic: Callable[[np.ndarray], np.ndarray], resamples: int = 1000,
                  seed: int = 0) -> tuple[float, float] | None:

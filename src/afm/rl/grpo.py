@@ -31,6 +31,7 @@ import torch
 
 from afm.engine import LLM, SamplingParams
 from afm.errors import ConfigError
+from afm.eval.stats import paired_difference
 from afm.io import atomic_write_text
 from afm.model.config import ModelConfig
 from afm.model.hf import load_pretrained, save_pretrained
@@ -186,24 +187,35 @@ def token_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.
     return torch.gather(logits.float().log_softmax(-1), -1, targets[..., None])[..., 0]
 
 
+@dataclass
+class HeldOut:
+    """Held-out accuracy (`summary`, scalars for the log) and which problems were solved (`hits`, per
+    mode: "greedy", "sampled"), so two evaluations of the same problems can be compared pairwise."""
+
+    summary: dict[str, float]
+    hits: dict[str, list[bool]]
+
+
 @torch.no_grad()
 def evaluate(llm: LLM, env: Environment, samples: list[Sample], max_tokens: int, sampled: bool = True,
-             seed: int = 0) -> dict[str, float]:
+             seed: int = 0) -> HeldOut:
     """Held-out accuracy, greedy and (with `sampled`) with the checkpoint's own sampling settings (AFM's
     recommended temperature 0.5, top_k 50, top_p 0.95, repetition penalty 1.1) at a fixed seed: the way
     the model is served. RL often sharpens the sampled distribution before it moves the greedy answer."""
     tok = llm.tokenizer
     prompts = [tok.apply_chat_template(env.prompt_messages(s), add_generation_prompt=True, tokenize=True) for s in samples]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
-    correct = sum(env.correct(o.outputs[0].text, s) for o, s in zip(outs, samples, strict=True))
-    result = {"n": len(samples), "correct": correct, "accuracy": correct / len(samples)}
+    modes = {"greedy": SamplingParams(temperature=0.0, max_tokens=max_tokens)}
     if sampled:
         params = llm.get_default_sampling_params()
         params.max_tokens, params.seed = max_tokens, seed
-        outs = llm.generate(prompts, params)
-        hits = sum(env.correct(o.outputs[0].text, s) for o, s in zip(outs, samples, strict=True))
-        result.update(sampled_correct=hits, sampled_accuracy=hits / len(samples))
-    return result
+        modes["sampled"] = params
+    hits = {mode: [env.correct(o.outputs[0].text, s) for o, s in zip(llm.generate(prompts, params), samples, strict=True)]
+            for mode, params in modes.items()}
+    correct = sum(hits["greedy"])
+    summary = {"n": len(samples), "correct": correct, "accuracy": correct / len(samples)}
+    if sampled:
+        summary.update(sampled_correct=sum(hits["sampled"]), sampled_accuracy=sum(hits["sampled"]) / len(samples))
+    return HeldOut(summary, hits)
 
 
 def _eval_record(e: dict[str, float]) -> dict[str, float]:
@@ -241,7 +253,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     metrics_path.write_text("")
     order = list(range(len(train_set)))
     random.Random(cfg.seed).shuffle(order)
-    first = evaluate(llm, env, eval_set, cfg.max_tokens, cfg.eval_sampled, cfg.seed)
+    before = evaluate(llm, env, eval_set, cfg.max_tokens, cfg.eval_sampled, cfg.seed)
+    first, latest = before.summary, before
     history = [{"step": 0, **_eval_record(first)}]
     sampled_note = f", sampled {first['sampled_accuracy']:.3f}" if cfg.eval_sampled else ""
     print(f"[grpo] held-out accuracy before training: {first['accuracy']:.3f} ({first['correct']}/{first['n']})"
@@ -304,7 +317,8 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                   "reward_errors": dict(env.rubric.error_counts)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
-            record.update(_eval_record(evaluate(llm, env, eval_set, cfg.max_tokens, cfg.eval_sampled, cfg.seed)))
+            latest = evaluate(llm, env, eval_set, cfg.max_tokens, cfg.eval_sampled, cfg.seed)
+            record.update(_eval_record(latest.summary))
         history.append(record)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -321,7 +335,12 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     last = history[-1]
     summary = {"run_dir": str(run_dir), "export": str(export), "steps": cfg.steps,
                "env": cfg.env, "eval_before": first,
-               "eval_after": {k[len("eval_"):]: v for k, v in last.items() if k.startswith("eval_")}}
+               "eval_after": {k[len("eval_"):]: v for k, v in last.items() if k.startswith("eval_")},
+               # The same held-out problems before and after: which were gained and lost, with McNemar's test.
+               "change": {mode: paired_difference(before.hits[mode], latest.hits[mode]) for mode in before.hits}}
+    for mode, c in summary["change"].items():
+        print(f"[grpo] held-out {mode}: {c['difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] "
+              f"({c['gained']} gained, {c['lost']} lost of {c['n']}; McNemar p={c['p_value']:.3g})", file=sys.stderr)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 

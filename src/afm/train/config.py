@@ -159,12 +159,23 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--a.b.c value` pairs (list indices allowed: `--phases.0.steps 100`)."""
-    if len(overrides) % 2:
-        raise ConfigError(f"overrides come in '--key value' pairs; got {overrides}")
-    for key, raw in zip(overrides[::2], overrides[1::2], strict=True):
+    """Apply `--a.b.c value` (or `--a.b.c=value`) overrides; list indices allowed: `--phases.0.steps 100`."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(overrides):
+        key = overrides[i]
         if not key.startswith("--"):
             raise ConfigError(f"expected an option like --optim.lr, got {key!r}")
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides):
+            raw = overrides[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"{key} has no value: write '{key} VALUE' or '{key}=VALUE'")
+        pairs.append((key, raw))
+    for key, raw in pairs:
         parts = key[2:].replace("-", "_").split(".")
         node: Any = data
         for part in parts[:-1]:
