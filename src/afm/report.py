@@ -205,9 +205,9 @@ def write_report(run: Speedrun) -> Path:
                 lines += [f"- accuracy with the recommended sampling (seed 0): {_pct(before, 'sampled_')} before, "
                           f"{_pct(after, 'sampled_')} after"]
             for mode, c in rl.get("change", {}).items():
-                lines += [f"- {mode}, paired on the same problems: {100 * c['difference']:+.1f} points "
-                          f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {c['gained']} gained and "
-                          f"{c['lost']} lost (McNemar p = {c['p_value']:.2g})"]
+                lines.append(f"- {mode}, paired on the same problems: {100 * c['difference']:+.1f} points "
+                             f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], {c['gained']} gained and "
+                             f"{c['lost']} lost (McNemar p = {c['p_value']:.2g})")
             lines += [""]
     if results:
         lines += ["## Evaluation", "", "Every stage's checkpoint on the same held-out tasks (never trained on).", ""]
