@@ -401,9 +401,14 @@ def test_evaluate_reasoning_gym(model, tok):
         reasoning_gym_module()
     except AFMError as e:
         pytest.skip(str(e))
-    r = evaluate(llm, ["reasoning-gym:basic_arithmetic"], limit=2, max_new_tokens=4, progress=False)
-    t = r["tasks"]["reasoning-gym:basic_arithmetic"]
-    assert t["n"] == 2 and set(t["metrics"]) == {"score", "accuracy", "format"}
+    r = evaluate(llm, ["reasoning-gym:gcd"], limit=6, max_new_tokens=4, progress=False)
+    t = r["tasks"]["reasoning-gym:gcd"]
+    assert t["n"] == 6 and set(t["metrics"]) == {"score", "accuracy", "format"}
+    # the trivial baseline: always giving the most common reference answer of these problems
+    answers = [str(e["answer"]) for e in reasoning_gym_module().create_dataset("gcd", size=6, seed=1_000_003)]
+    top = max(answers.count(a) for a in answers)
+    named = t["baseline_name"].removeprefix("always answering ").strip("'")
+    assert t["baseline"]["accuracy"] == top / 6 and answers.count(named) == top
     assert t["details"]["seed"] == 1_000_003 and t["samples"][0]["question"]
     with pytest.raises(AFMError, match="reasoning-gym has no dataset"):
         evaluate(llm, ["reasoning-gym:no_such_dataset"], limit=1, progress=False)

@@ -283,6 +283,9 @@ def headline(results: dict[str, Any]) -> list[str]:
             b = tasks_before[task]
             for metric in PRIMARY[t["kind"]]:
                 if metric in t.get("metrics", {}) and metric in b.get("metrics", {}):
+                    reference = (t.get("baseline") or {}).get(metric)
+                    trivial = (f"; {t.get('baseline_name') or 'the baseline'}: {reference:.3f}"
+                               if reference is not None else "")
                     out.append(f"- **{what}**, {task_label(task, t)}: {metric} {_ci(b, metric)} ({before}) → "
-                               f"{_ci(t, metric)} ({after}); n = {t.get('n')}.")
+                               f"{_ci(t, metric)} ({after}){trivial}; n = {t.get('n')}.")
     return out or ["- (no evaluation results)"]
