@@ -209,8 +209,10 @@ def evaluate(llm: LLM, env: Environment, samples: list[Sample], max_tokens: int,
         params = llm.get_default_sampling_params()
         params.max_tokens, params.seed = max_tokens, seed
         modes["sampled"] = params
-    hits = {mode: [env.correct(o.outputs[0].text, s) for o, s in zip(llm.generate(prompts, params), samples, strict=True)]
-            for mode, params in modes.items()}
+    hits = {}
+    for mode, mode_params in modes.items():
+        outs = llm.generate(prompts, mode_params)
+        hits[mode] = [env.correct(o.outputs[0].text, s) for o, s in zip(outs, samples, strict=True)]
     correct = sum(hits["greedy"])
     summary = {"n": len(samples), "correct": correct, "accuracy": correct / len(samples)}
     if sampled:
