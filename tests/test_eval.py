@@ -22,7 +22,7 @@ from afm.model import build_model
 from afm.model.hf import save_pretrained
 from afm.tokenizer import train_bpe
 
-from .conftest import python, tiny_config
+from .conftest import CACHE, python, tiny_config
 
 TEXT = "The cat sat on the mat. The dog slept on the rug. Question: what is 2 + 2? Answer: 4\n"
 GERMAN = "Die Katze sitzt auf der Matte. Der Hund schläft auf dem Teppich. Größe und Übung.\n"
@@ -392,15 +392,24 @@ def test_evaluate_api_layout(tmp_path, llm):
     json.dumps(r, allow_nan=False)
 
 
-def test_evaluate_reasoning_gym(model, tok):
+@pytest.mark.network
+@pytest.mark.slow
+def test_evaluate_reasoning_gym(model, tok, tmp_path, monkeypatch):
+    from afm.data.starter import fetch_starter
     from afm.rl.envs import reasoning_gym_module
 
     llm = LLM(model=model, tokenizer=tok, max_model_len=256, kv_cache_memory_gib=0.02)
-
+    # reasoning-gym comes the way the speedrun gets it: pip-installed into afm's package cache (shared
+    # with the speedrun test, so it is downloaded once).
+    monkeypatch.setenv("AFM_CACHE", str(CACHE / "starter"))
     try:
         reasoning_gym_module()
-    except AFMError as e:
-        pytest.skip(str(e))
+    except AFMError:
+        manifest = fetch_starter(tmp_path / "starter", ["reasoning-gym"], progress=False)
+        try:
+            reasoning_gym_module()
+        except AFMError as e:
+            pytest.skip(f"{e} ({[s.reason for s in manifest.skipped]})")
     r = evaluate(llm, ["reasoning-gym:gcd"], limit=6, max_new_tokens=4, progress=False)
     t = r["tasks"]["reasoning-gym:gcd"]
     assert t["n"] == 6 and set(t["metrics"]) == {"score", "accuracy", "format"}
