@@ -216,6 +216,9 @@ def test_read_documents_takes_lang_from_meta_and_gz(tmp_path):
     (d / "c.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(AFMError, match=r"c.jsonl:1: a document needs a string field `text`"):
         read_documents(d)
+    (d / "c.jsonl").write_text('{"text": "ok"}\n\n{"text": \n')
+    with pytest.raises(AFMError, match=r"c.jsonl:3: not valid JSON .*each line must be one JSON document"):
+        read_documents(d)
 
 
 # ---- task files -----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from afm.errors import AFMError
-from afm.io import open_text
+from afm.io import JSONLineError, iter_jsonl
 from afm.eval.loglik import CHUNK, max_scored_length, prefix_token_id, sequence_logprobs
 from afm.eval.stats import bootstrap_ci, flatten, metric
 
@@ -61,17 +61,13 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open_text(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AFMError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON document") from e
+    try:
+        for where, record in iter_jsonl(path):
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise AFMError(f"{path}:{n}: a document needs a string field `text`")
-            yield f"{path}:{n}", record
+                raise AFMError(f"{where}: a document needs a string field `text`")
+            yield where, record
+    except JSONLineError as e:
+        raise AFMError(f"{e}; each line must be one JSON document") from e
 
 
 def read_documents(path: str | Path, limit_per_lang: int | None = None) -> list[Doc]:

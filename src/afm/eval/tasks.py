@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from afm.errors import AFMError
-from afm.io import open_text
+from afm.io import JSONLineError, iter_jsonl
 
 
 class TaskFileError(AFMError):
@@ -103,19 +103,14 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise _fail(f"{path}: item {i}", "is not a JSON object", "make every item an object")
             yield f"{path}: item {i}", record
         return
-    with open_text(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _fail(f"{path}:{n}", f"not valid JSON ({e.msg} at column {e.colno})",
-                            "each line must be one JSON object") from e
+    try:
+        for where, record in iter_jsonl(path):
             if not isinstance(record, dict):
-                raise _fail(f"{path}:{n}", f"is a JSON {type(record).__name__}, not an object",
-                            "each line must be one JSON object")
-            yield f"{path}:{n}", record
+                raise _fail(where, f"is a JSON {type(record).__name__}, not an object", "each line must be one JSON object")
+            yield where, record
+    except JSONLineError as e:
+        raise _fail(e.where, f"not valid JSON ({e.error.msg} at column {e.error.colno})",
+                    "each line must be one JSON object") from e
 
 
 def _first(record: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
