@@ -155,6 +155,84 @@ def run_transformers(model, concurrency: int, input_len: int, output_len: int, v
     }
 
 
+def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps: int, profile_to: Path | None) -> dict:
+    """Where a decode step's time goes with `concurrency` requests decoding (prefills done first).
+
+    Host clock: the whole `engine.step()`. Device clock (CUDA events, GPU only): the forward (input
+    copies and the graph replay or eager forward) and the sampler (which ends with the host reading the
+    sampled ids). What is left of the step is host work the device waits for: scheduling, building
+    the step's inputs, appending tokens. Optionally also writes a torch.profiler table of 5 steps.
+    """
+    engine = llm.engine
+    runner = engine.runner
+    cuda = runner.device.type == "cuda"
+    # Room for every token the measured steps need after the last prefill (early requests decode while
+    # later ones prefill), so that the batch keeps all `concurrency` requests throughout.
+    params = SamplingParams(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1,
+                            max_tokens=engine.max_model_len - input_len, ignore_eos=True, detokenize=False)
+    ids = [engine.add_request(None, p, params, stream=False)
+           for p in random_prompts(concurrency, input_len, vocab, seed=7)]
+    while engine.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+        engine.step()
+    if engine.num_running != concurrency:
+        raise RuntimeError(f"{engine.num_running} of {concurrency} requests are running; the cache or "
+                           "max_num_seqs is too small for this breakdown")
+    marks: list[tuple] = []
+    orig_execute = runner.execute
+
+    def execute(out):  # noqa: ANN001, ANN202
+        if not cuda:
+            return orig_execute(out)
+        e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        e[0].record()
+        orig_sample = runner.sampler.sample
+
+        def sample(logits, requests):  # noqa: ANN001, ANN202
+            e[1].record()
+            res = orig_sample(logits, requests)
+            e[2].record()
+            return res
+
+        runner.sampler.sample = sample
+        try:
+            return orig_execute(out)
+        finally:
+            runner.sampler.sample = orig_sample
+            marks.append(tuple(e))
+
+    runner.execute = execute
+    wall = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            wall.append(time.perf_counter() - t0)
+        if profile_to is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                for _ in range(5):
+                    engine.step()
+                if cuda:
+                    torch.cuda.synchronize()
+            key = "cuda_time_total" if cuda else "cpu_time_total"
+            profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        running_at_end = engine.num_running
+    finally:
+        runner.execute = orig_execute
+        for rid in ids:
+            engine.abort(rid)
+    row = {"concurrency": concurrency, "steps": steps, "step_ms": 1e3 * statistics.median(wall),
+           "batch_at_end": running_at_end}
+    if marks:
+        torch.cuda.synchronize()
+        fwd = statistics.median(a.elapsed_time(b) for a, b, _ in marks)
+        smp = statistics.median(b.elapsed_time(c) for _, b, c in marks)
+        row.update(forward_ms=fwd, sampler_ms=smp, host_only_ms=row["step_ms"] - fwd - smp)
+    return row
+
+
 def kernel_bench(device: torch.device) -> None:
     from afm.engine.triton_attention import benchmark_decode
 
@@ -190,10 +268,14 @@ def main() -> None:
     ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
     ap.add_argument("--baseline", action="store_true", help="also run transformers' generate")
     ap.add_argument("--baseline-concurrency", type=int, nargs="+", default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time decode steps' parts at concurrency 1 and the largest (and profile them to --out)")
     ap.add_argument("--kernel-bench", action="store_true", help="time the paged-attention kernel alone (GPU)")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -276,7 +358,9 @@ def main() -> None:
                     "max_concurrency_at_max_model_len": e.max_concurrency()}
             log(f"\n{name}: ready in {startup:.0f}s; KV cache {e.kv_capacity_tokens} tokens = "
                 f"{e.max_concurrency():.1f} concurrent requests of {args.max_model_len} tokens")
-            run_afm(llm, 16, args.input_len, 8, config.vocab_size, seed=99)  # warm-up: compiles every kernel variant
+            # Warm-up: compiles every kernel variant (a lone request too: batch 1 is its own compilation).
+            run_afm(llm, 16, args.input_len, 8, config.vocab_size, seed=99)
+            run_afm(llm, 1, args.input_len, 4, config.vocab_size, seed=98)
             rows = []
             for c in args.concurrency:
                 r = run_afm(llm, c, args.input_len, args.output_len, config.vocab_size, seed=c)
@@ -285,6 +369,15 @@ def main() -> None:
                 RESULTS[name] = {"engine": info, "runs": rows}
                 save(args.out)
             table(name, rows)
+            if args.breakdown:
+                info["step_breakdown"] = []
+                for c in sorted({1, max(args.concurrency)}):
+                    prof_file = args.out / f"profile-{name}-c{c}.txt" if args.out else None
+                    r = step_breakdown(llm, c, args.input_len, config.vocab_size, 30, prof_file)
+                    info["step_breakdown"].append(r)
+                    log(f"  {name} decode step at concurrency {c}: "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_ms")))
+                save(args.out)
             if rows and rows[0]["concurrency"] == 1:
                 tpot = rows[0]["tpot_ms_mean"] / 1e3
                 info["batch1_decode_ms"] = tpot * 1e3

@@ -4,11 +4,15 @@ Builds an afm model with AFM-4.5B's block shape (hidden 2560, 20/4 heads, head_d
 18432, vocab 128004) and as many layers as `--layers` (on one GPU, as many of the 36 as fit), then
 times full training steps (forward, backward, fused AdamW) at batch x seq tokens per step:
 
-- afm eager and afm with torch.compile (per decoder layer), bf16 autocast over fp32 master weights;
+- afm eager and afm with torch.compile (per decoder layer), bf16 autocast over fp32 master weights
+  (what `afm train` does on one GPU);
+- afm compiled with bf16 parameters and optimizer state (no fp32 master weights): the baseline's
+  numerics, to separate the model's speed from the cost of keeping fp32 master weights;
 - the plain transformers step: `ArceeForCausalLM` in bf16 with SDPA and fused AdamW, the baseline.
 
 Reports tokens/s, achieved TFLOP/s and MFU (FLOPs per token from `afm.train.flops`, the device's
-datasheet bf16 peak) for each, and the ratio to transformers.
+datasheet bf16 peak) for each, the share of the step spent in the optimizer, and the ratio to
+transformers.
 
     # GPU:
     python bench/train_throughput.py --layers 12 --seq 4096 --batch 1 --steps 20
@@ -36,11 +40,40 @@ from afm.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 from afm.train.loop import param_groups  # noqa: E402
 
 
-def timed_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+class Clock:
+    """Marks on the device's timeline (CUDA events) or the host's; `split` gives mean seconds between marks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[list] = []
+
+    def mark(self, new_step: bool = False) -> None:
+        if new_step:
+            self.marks.append([])
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks[-1].append(e)
+        else:
+            self.marks[-1].append(time.perf_counter())
+
+    def optimizer_share(self) -> float:
+        """Mean fraction of a step between its second and third marks (the optimizer step)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            gap = lambda a, b: a.elapsed_time(b)  # noqa: E731
+        else:
+            gap = lambda a, b: b - a  # noqa: E731
+        shares = [gap(m[1], m[2]) / gap(m[0], m[2]) for m in self.marks if len(m) == 3]
+        return sum(shares) / len(shares)
+
+
+def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Clock) -> float:
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    clock.marks.clear()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -49,21 +82,24 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def afm_step_fn(model, batch: torch.Tensor, bf16: bool):
+def afm_step_fn(model, batch: torch.Tensor, bf16: bool, clock: Clock):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=batch.device.type == "cuda")
 
     def step() -> None:
+        clock.mark(new_step=True)
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
+        clock.mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        clock.mark()
 
     return step
 
 
-def hf_step_fn(config, batch: torch.Tensor, device: torch.device):
+def hf_step_fn(config, batch: torch.Tensor, device: torch.device, clock: Clock):
     import transformers
 
     hf_config = transformers.ArceeConfig(
@@ -75,10 +111,13 @@ def hf_step_fn(config, batch: torch.Tensor, device: torch.device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
+        clock.mark(new_step=True)
         out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
         out.loss.backward()
+        clock.mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        clock.mark()
 
     return step, model
 
@@ -92,7 +131,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default="afm,afm-compile,transformers")
+    ap.add_argument("--variants", default="afm,afm-compile,afm-compile-bf16,transformers")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT") else None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -111,22 +150,27 @@ def main() -> None:
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
     for variant in args.variants.split(","):
         try:
+            clock = Clock(device)
             if variant == "transformers":
-                step, model = hf_step_fn(config, batch, device)
+                step, model = hf_step_fn(config, batch, device, clock)
             else:
-                model = build_model(config.replace(dtype="float32"), device, torch.float32, seed=0).train()
-                if variant == "afm-compile":
+                pure_bf16 = variant.endswith("-bf16")
+                dtype = torch.bfloat16 if pure_bf16 else torch.float32
+                model = build_model(config.replace(dtype="float32"), device, dtype, seed=0).train()
+                if "compile" in variant:
                     for layer in model.model.layers:
                         layer.compile()
-                step = afm_step_fn(model, batch, bf16)
-            seconds = timed_steps(step, args.steps, args.warmup, device)
+                step = afm_step_fn(model, batch, bf16 and not pure_bf16, clock)
+            seconds = timed_steps(step, args.steps, args.warmup, device, clock)
             tok_s = tokens / seconds
             tflops = tok_s * flops_token / 1e12
             row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
+                   "optimizer_share": clock.optimizer_share(),
                    "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
             results["runs"][variant] = row
-            print(f"{variant:14} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
-                  + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else ""), flush=True)
+            print(f"{variant:16} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
+                  + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else "")
+                  + f"  optimizer {row['optimizer_share'] * 100:4.1f}% of the step", flush=True)
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -57,8 +57,10 @@ def mixed_prompts(n, seed=0, shared=40):
         dict(block_size=8, max_num_batched_tokens=24),
         # forced preemption: a tiny pool of blocks for 36 requests
         dict(block_size=4, num_kv_blocks=40, max_num_batched_tokens=64),
+        # decode steps through torch.compile (the forward the GPU path captures in CUDA graphs)
+        dict(block_size=8, max_num_batched_tokens=24, compile=True),
     ],
-    ids=["plain", "chunked-prefill", "preemption"],
+    ids=["plain", "chunked-prefill", "preemption", "compiled-decode"],
 )
 def test_greedy_equals_naive_generation(model, tokenizer, engine_args):
     llm = make_llm(model, tokenizer, max_model_len=160, max_num_seqs=36, **engine_args)

@@ -100,3 +100,35 @@ def test_forward_rejects_flat_input():
     model = build_model(tiny_config(), seed=0)
     with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
         model(torch.tensor([1, 2, 3]))
+
+
+def test_packed_qkv_serves_the_same_model_and_trains_the_three_projections():
+    model = build_model(tiny_config(), seed=3).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(layer.self_attn.pack_qkv() for layer in model.model.layers)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views of the packed matrix
+    with torch.no_grad():
+        assert torch.allclose(model(ids), before, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # checkpoints unchanged
+    # An in-place update of a projection (an optimizer step, load_state_dict) reaches the packed matrix.
+    with torch.no_grad():
+        attn.k_proj.weight.add_(0.5)
+        assert torch.equal(attn.qkv_weight[attn.q_proj.weight.shape[0]:][: attn.k_proj.weight.shape[0]],
+                           attn.k_proj.weight)
+    # With autograd on, the three linears run, so the gradient reaches them.
+    model(ids).sum().backward()
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad.abs().sum() > 0
+    # Moving or casting the model drops the packed copy instead of serving stale weights.
+    model.double()
+    assert attn.qkv_weight is None
+
+
+def test_packing_skips_projections_that_are_not_plain_linears():
+    model = build_model(tiny_config(), seed=3).eval()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = torch.nn.Sequential(attn.q_proj)
+    assert not attn.pack_qkv() and attn.qkv_weight is None

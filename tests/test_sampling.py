@@ -78,3 +78,72 @@ def test_greedy_and_seeded_sampling():
     # A row's draw does not depend on its neighbours.
     c = sample_from_logits(x[1:2], t[1:2], [torch.Generator().manual_seed(1)])
     assert c[0] == a[1]
+
+
+def _requests(n, vocab, seed=0):
+    import random
+
+    from afm.engine.request import Request
+    from afm.engine.sampling_params import SamplingParams
+
+    rng = random.Random(seed)
+    kinds = [dict(temperature=0), dict(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1),
+             dict(temperature=1.0), dict(temperature=0.8, top_p=0.7), dict(temperature=0.7, top_k=5),
+             dict(temperature=1.2, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.3)]
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 20))]
+        r = Request(f"r{i}", prompt, SamplingParams(seed=i, max_tokens=50, **kinds[i % len(kinds)]), eos_token_ids=[1])
+        r.output_token_ids = [rng.randrange(vocab) for _ in range(rng.randint(0, 5))]
+        out.append(r)
+    return out
+
+
+def _allowed(x, r, vocab):
+    """The tokens the pure transforms leave possible for request r's row x (the reference)."""
+    from afm.engine.sampling import apply_presence_frequency_penalties
+
+    p = r.sampling_params
+    x = x[None, :vocab].clone()
+    seen = torch.zeros_like(x, dtype=torch.bool)
+    seen[0, r.prompt_token_ids + r.output_token_ids] = True
+    counts = torch.zeros_like(x, dtype=torch.int32)
+    for t in r.output_token_ids:
+        counts[0, t] += 1
+    x = apply_repetition_penalty(x, seen, per_row(p.repetition_penalty, 1))
+    x = apply_presence_frequency_penalties(x, counts, per_row(p.presence_penalty, 1), per_row(p.frequency_penalty, 1))
+    if p.temperature == 0:
+        return {int(x.argmax())}
+    x = apply_temperature(x, per_row(p.temperature, 1))
+    x = apply_top_k(x, per_row(p.top_k, 1, torch.long))
+    x = apply_top_p(x, per_row(p.top_p, 1))
+    x = apply_min_p(x, per_row(p.min_p, 1))
+    return set(torch.nonzero(~x[0].isinf())[:, 0].tolist())
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
+    from afm.engine.sampler import Sampler
+
+    vocab, padded = 290, 300  # a model vocabulary padded past the tokenizer's
+    sampler = Sampler(vocab, 40, torch.device("cpu"), compile=compile)
+    eager = Sampler(vocab, 40, torch.device("cpu"))
+    rows = _requests(24, vocab)
+    seen_draws = {i: set() for i in range(len(rows))}
+    for trial in range(6):
+        x = torch.randn(len(rows), padded, generator=torch.Generator().manual_seed(trial)) * 3
+        x[:, vocab:] = 100.0  # padded ids must never win
+        for r in rows:
+            r.sampler_slot = None
+            sampler.free_slots = list(range(39, -1, -1))
+        out = sampler.sample(x.clone(), rows)
+        if compile:  # the compiled function draws exactly what the eager one draws
+            for r in rows:
+                r.sampler_slot = None
+            assert eager.sample(x.clone(), rows).token_ids == out.token_ids
+            eager.free_slots = list(range(39, -1, -1))
+        for i, (r, t) in enumerate(zip(rows, out.token_ids, strict=True)):
+            assert t in _allowed(x[i], r, vocab), (i, r.sampling_params)
+            seen_draws[i].add(t)
+    # Sampled rows do draw different tokens across trials (the draw is not stuck on the argmax).
+    assert any(len(s) > 1 for i, s in seen_draws.items() if rows[i].sampling_params.temperature > 0)

@@ -242,8 +242,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="KV cache dtype (default: the model's; bfloat16 for quantized GGUF files)")
     g.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (default: 2 on CPU, by memory on GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory to use (default 0.9)")
-    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the decode step")
+    g.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs, no torch.compile")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step and the sampler (default: on for GPUs unless "
+                        "--enforce-eager; --no-compile starts faster)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -127,7 +127,10 @@ def paged_attention_op(
     use_triton: bool,
 ) -> Tensor:
     """Write this step's keys and values into the cache, then attend: one opaque operator, so that
-    torch.compile fuses the code around it and CUDA graphs capture it whole."""
+    torch.compile fuses the code around it and CUDA graphs capture it whole.
+
+    The write stays inside: traced, Inductor turns the in-place write into a copy of the whole cache
+    (measured on an H200: two 280 us copies per layer per decode step, ten times the forward)."""
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     if use_triton:
         from afm.engine.triton_attention import paged_attention_triton
@@ -166,9 +169,10 @@ class PagedAttention:
         # The engine runs one flattened row: (1, T, H, D).
         k_cache, v_cache = self.kv_caches[layer_idx]
         md = self.metadata
-        if not self.use_triton:
+        if not self.use_triton and not torch.compiler.is_compiling():
             # Eager reference path: called directly, since the custom operator's dispatch costs more than
-            # the attention itself for small CPU batches.
+            # the attention itself for small CPU batches. Under torch.compile the operator keeps the
+            # host-side loop out of the graph.
             write_kv(k[0], v[0], k_cache, v_cache, md.slot_mapping)
             out = paged_attention_reference(q[0], k_cache, v_cache, md.block_tables, md.seq_lens.tolist(),
                                             md.query_start_loc.tolist(), self.scale)

@@ -23,9 +23,11 @@ class EngineConfig:
       or less when `max_num_seqs` requests of `max_model_len` tokens need less.
     - `kv_cache_dtype`: "auto" (the model's dtype; bfloat16 for quantized GGUF models, as llama.cpp keeps
       16-bit caches), a dtype name, or "fp8" (e4m3, for GPUs: half the bytes of bf16 per token).
-    - `enforce_eager`: no CUDA graphs for decode batches.
+    - `enforce_eager`: no CUDA graphs for decode batches (and no torch.compile unless asked for).
     - `compile`: torch.compile the decode forward (dynamic batch size) before capturing its CUDA graphs,
-      which fuses the norms, rotary embeddings and activations into a few kernels per layer.
+      which fuses the norms, rotary embeddings and activations into a few kernels per layer, and the
+      sampler's tensor work. None (the default): on for GPUs unless `enforce_eager`, off on the CPU.
+      Compilation adds a minute or two to start-up (cached on disk for the next start).
     """
 
     max_model_len: int | None = None
@@ -38,10 +40,16 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    compile: bool = False
+    compile: bool | None = None
     device: str | None = None
     dtype: str | None = None
     max_graph_batch_size: int = 256
+
+    def use_compile(self, device: str | object) -> bool:
+        """Whether the engine compiles on `device` (a torch.device or its type name)."""
+        if self.compile is not None:
+            return self.compile
+        return getattr(device, "type", device) == "cuda" and not self.enforce_eager
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

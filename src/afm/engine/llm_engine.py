@@ -83,6 +83,7 @@ class _Group:
     detokenizers: list[IncrementalDetokenizer | None]
     outputs: list[CompletionOutput]
     metrics: RequestMetrics
+    stream: bool = True  # False: one output, when the request finishes
     prompt_logprobs: list[Logprob | None] | None = None  # built once, when the prompt has been scored
 
 
@@ -199,8 +200,9 @@ class LLMEngine:
                     params: SamplingParams | None = None, stream: bool = True) -> str:
         """Queue a request (text or token ids). Invalid input raises ConfigError before anything is queued.
 
-        With `stream=False` the text is decoded once at the end (unless stop strings need it earlier),
-        which saves the per-token detokenization of offline batches.
+        With `stream=False` the text is decoded once at the end (unless stop strings need it earlier) and
+        `step` returns the request's output only when it finishes, which saves the per-token
+        detokenization and output snapshots of offline batches.
         """
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.groups:
@@ -221,7 +223,7 @@ class LLMEngine:
                 if (stream and params.detokenize) or params.stop else None
             )
             outs.append(CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None))
-        group = _Group(request_id, text, prompt_ids, children, detoks, outs, RequestMetrics(now))
+        group = _Group(request_id, text, prompt_ids, children, detoks, outs, RequestMetrics(now), stream)
         self.groups[request_id] = group
         for child in children:
             self.scheduler.add_request(child)
@@ -253,7 +255,8 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; return an output for every request that advanced."""
+        """Schedule and run one step; return an output for every streaming request that advanced and
+        every request that finished."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -277,7 +280,7 @@ class LLMEngine:
                 continue
             self._append_token(group, r, res.token_id, res.logprob, now)
             touched[group.request_id] = group
-        return [self._output(g) for g in touched.values()]
+        return [self._output(g) for g in touched.values() if g.stream or all(o.finished for o in g.outputs)]
 
     def _finish_scored(self, group: _Group, r: Request, now: float) -> None:
         """End a max_tokens 0 request after its prefill: finish reason "length", no output tokens."""

@@ -5,9 +5,12 @@ same `AFMForCausalLM` the trainer uses, with `PagedAttention` as its attention b
 last position of each request that finishes its tokens this step goes through the LM head, plus every
 prompt position of requests that asked for prompt logprobs (their logprobs are stored on the request).
 
-On GPUs, decode-only steps replay CUDA graphs captured for a ladder of batch sizes (the batch is padded
-to the next size; padded rows write into the reserved null block), which removes the per-kernel launch
-cost that otherwise dominates small decode batches.
+Decode-only steps (one token per request) run `decode_forward`: with `compile`, the forward through
+torch.compile (a symbolic batch size; norms, rotary embeddings, activations and residual adds fused into
+a few kernels per layer, paged attention an opaque custom operator). On GPUs those steps replay CUDA
+graphs of it captured for a ladder of batch sizes (the batch is padded to the next size; padded rows
+write into the reserved null block), which removes the per-kernel launch cost that otherwise dominates
+small decode batches.
 """
 
 from __future__ import annotations
@@ -50,9 +53,12 @@ def resolve_kv_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dt
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def graph_batch_sizes(max_size: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to `max_size` (vLLM's ladder): padding wastes at most 7 rows."""
-    sizes = [s for s in (1, 2, 4) if s <= max_size] + list(range(8, max_size + 1, 8))
+def graph_batch_sizes(max_size: int, smallest: int = 1) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to `max_size` (vLLM's ladder): padding wastes at most 7 rows.
+
+    `smallest` 2 drops size 1: a compiled forward specialises on a batch of 1 (a second compilation),
+    while a lone decode padded to 2 rows costs the same weight reads."""
+    sizes = [s for s in (1, 2, 4) if smallest <= s <= max_size] + list(range(8, max_size + 1, 8))
     if max_size not in sizes:
         sizes.append(max_size)
     return sizes
@@ -114,6 +120,8 @@ class ModelRunner:
         mc = model.config
         self.scale = 1.0 / math.sqrt(mc.head_dim)
         self.use_triton = self.device.type == "cuda"
+        for layer in model.model.layers:
+            layer.self_attn.pack_qkv()
         self.kv_dtype = resolve_kv_dtype(config, self.dtype)
         self.num_blocks = self._decide_num_blocks()
         shape = (self.num_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
@@ -124,10 +132,21 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(mc.num_hidden_layers)
         ]
-        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device)
+        self.compile = config.use_compile(self.device)
+        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, compile=self.compile)
+        self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
+        if self.compile:
+            # One compilation with a symbolic batch size serves every decode batch (and captured graph).
+            # The caches' shapes stay constants: otherwise a batch as large as the block size would
+            # become a guard ("batch == block_size") and every other batch a recompilation.
+            for kv in self.kv_caches:
+                for t in kv:
+                    torch._dynamo.mark_static(t)
+            self.decode_forward = torch.compile(self._logits_forward, dynamic=True, fullgraph=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
+        self.sampler.warm_up()
 
     # ---- KV cache sizing ----------------------------------------------------------------------
 
@@ -228,11 +247,23 @@ class ModelRunner:
         sample_rows, prompt_rows = logit_rows(out)
         decode_only = all(s.num_tokens == 1 for s in out.scheduled)
         graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
+        all_logits: Tensor | None = None  # decode-only paths compute logits for every row
         if graph_bs is not None:
-            # The graph computes logits for every row; a row is one request's single token.
             all_logits = self._replay(out, graph_bs)
+        elif decode_only and self.compile:
+            input_ids, positions, md = self._metadata(out)
+            # Fixed launch bounds, so that the compiled graph does not specialise on this step's lengths.
+            md.max_seq_len = self.max_model_len
+            dev = self.device
+            ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
+            pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
+            all_logits = self.decode_forward(ids_t, pos_t, PagedAttention(self.kv_caches, md, self.scale,
+                                                                          self.use_triton))
+        if all_logits is not None:
+            # A row is one request's single token.
+            logits_of_rows = all_logits
             if prompt_rows:
-                self._prompt_logprobs(lambda rows: all_logits[rows], prompt_rows)
+                self._prompt_logprobs(lambda rows: logits_of_rows[rows], prompt_rows)
             if not sample_rows:
                 return []
             logits = all_logits if len(sample_rows) == len(out.scheduled) else all_logits[sample_rows]
@@ -293,6 +324,7 @@ class ModelRunner:
                 return size
         return None
 
+    @torch.inference_mode()
     def _capture_graphs(self) -> None:
         max_bs = min(self.config.max_num_seqs, self.config.max_graph_batch_size)
         dev = self.device
@@ -303,12 +335,10 @@ class ModelRunner:
         self.g_block_tables = torch.full((max_bs, self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32, device=dev)
         self.g_query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, Tensor] = {}
-        forward = self._logits_forward
-        if self.config.compile:
-            # One compilation with a symbolic batch size serves every captured size.
-            forward = torch.compile(forward, dynamic=True, fullgraph=True)
+        forward = self.decode_forward
         pool = torch.cuda.graph_pool_handle()
-        sizes = sorted(graph_batch_sizes(max_bs), reverse=True)  # largest first: smaller ones reuse its pool
+        smallest = 2 if self.compile and max_bs >= 2 else 1
+        sizes = sorted(graph_batch_sizes(max_bs, smallest), reverse=True)  # largest first: smaller ones reuse its pool
         for bs in sizes:
             md = AttentionMetadata(
                 slot_mapping=self.g_slot_mapping[:bs],

@@ -9,7 +9,11 @@ long-lived requests needs:
   t, token id), so a seeded request produces the same text whatever else shares its batch, and the
   whole batch is sampled with a few vectorised operations;
 - top-k, top-p and min-p over the top-k candidates only (AFM samples with top_k 50), and a full-vocabulary
-  path when some request disables top-k.
+  path when no request filters;
+- the per-row parameters travel to the device as two small tensors, and the tensor work is one pure
+  function, `transform_and_sample`, which the engine can hand to torch.compile: a decode step's sampling
+  is then a handful of fused kernels instead of about seventy small ones, whose launch cost dominates
+  small batches on GPUs.
 """
 
 from __future__ import annotations
@@ -51,6 +55,59 @@ def gumbel_noise(seeds: Tensor, steps: Tensor, token_ids: Tensor) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
+def transform_and_sample(
+    logits: Tensor,
+    prompt_mask: Tensor,
+    output_counts: Tensor,
+    row_floats: Tensor,
+    row_ints: Tensor,
+    k_max: int,
+    repetition: bool,
+    presence_frequency: bool,
+    sampling: bool,
+) -> Tensor:
+    """One token per row of `logits` (B, V) float32: penalties, then greedy or a filtered draw.
+
+    `row_floats` (B, 6): repetition, presence and frequency penalties, temperature (0 = greedy), top_p,
+    min_p. `row_ints` (B, 4) int64: statistics slot, seed, output step, top_k (V when disabled).
+    `prompt_mask` and `output_counts` are the sampler's per-slot statistics. `k_max` > 0 keeps only that
+    many candidates per row before top-k / top-p / min-p; 0 draws over the whole vocabulary unfiltered.
+    The booleans skip work no row needs.
+    """
+    B, V = logits.shape
+    slots = row_ints[:, 0]
+    if repetition or presence_frequency:
+        counts = output_counts[slots]
+        if repetition:
+            seen = prompt_mask[slots] | (counts > 0)
+            logits = apply_repetition_penalty(logits, seen, row_floats[:, 0])
+        if presence_frequency:
+            logits = apply_presence_frequency_penalties(logits, counts, row_floats[:, 1], row_floats[:, 2])
+    greedy = logits.argmax(dim=-1)
+    if not sampling:
+        return greedy
+    temperature = row_floats[:, 3]
+    x = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    seeds, steps, top_k = row_ints[:, 1], row_ints[:, 2], row_ints[:, 3]
+    if k_max == 0:
+        ids = torch.arange(V, device=logits.device).expand(B, -1)
+        sampled = (x + gumbel_noise(seeds, steps, ids)).argmax(dim=-1)
+    else:
+        # Candidates: the k_max best tokens of each row, best first.
+        vals, ids = x.topk(k_max, dim=-1)
+        rank = torch.arange(k_max, device=logits.device)[None, :]
+        vals = vals.masked_fill(rank >= top_k[:, None], NEG_INF)
+        probs = vals.softmax(dim=-1)
+        top_p = row_floats[:, 4:5]
+        drop = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1.0)
+        drop |= probs < probs[:, :1] * row_floats[:, 5:6]
+        drop[:, 0] = False  # the most likely token always stays
+        vals = vals.masked_fill(drop, NEG_INF)
+        choice = (vals + gumbel_noise(seeds, steps, ids)).argmax(dim=-1)
+        sampled = ids.gather(1, choice[:, None])[:, 0]
+    return torch.where(temperature > 0, sampled, greedy)
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -58,15 +115,25 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token for each request of a batch; keeps per-request statistics in slots."""
+    """Samples one token for each request of a batch; keeps per-request statistics in slots.
 
-    def __init__(self, vocab_size: int, max_slots: int, device: torch.device) -> None:
+    With `compile`, `transform_and_sample` runs through torch.compile (a symbolic batch size).
+    """
+
+    def __init__(self, vocab_size: int, max_slots: int, device: torch.device, compile: bool = False) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.max_slots = max_slots
         self.prompt_mask = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(max_slots, vocab_size, dtype=torch.int32, device=device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
+        self.compiled = compile
+        self.transform_and_sample = transform_and_sample
+        if compile:
+            # The statistics' shapes never change: constants, not symbols, in the compiled code.
+            torch._dynamo.mark_static(self.prompt_mask)
+            torch._dynamo.mark_static(self.output_counts)
+            self.transform_and_sample = torch.compile(transform_and_sample, dynamic=True)
 
     # ---- slots ------------------------------------------------------------------------------
 
@@ -89,6 +156,19 @@ class Sampler:
             self.free_slots.append(request.sampler_slot)
             request.sampler_slot = None
 
+    def warm_up(self, logits_dtype: torch.dtype = torch.float32) -> None:
+        """Compile ahead of the first requests: greedy and filtered sampling (AFM's defaults), for a
+        batch of one and of several (a batch of one is its own compilation)."""
+        if not self.compiled:
+            return
+        for batch in (1, 2):
+            for k_max, temperature in ((0, 0.0), (min(50, self.vocab_size), 0.5)):
+                logits = torch.zeros(batch, self.vocab_size, dtype=logits_dtype, device=self.device)
+                floats = torch.tensor([[1.1, 0.0, 0.0, temperature, 0.95, 0.0]] * batch, device=self.device)
+                ints = torch.tensor([[0, 0, 0, max(k_max, 1)]] * batch, device=self.device)
+                self.transform_and_sample(logits, self.prompt_mask, self.output_counts, floats, ints, k_max,
+                                          True, True, temperature > 0)
+
     # ---- sampling ---------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -100,24 +180,9 @@ class Sampler:
         B, V = logits.shape
         dev = logits.device
         params = [r.sampling_params for r in requests]
-        slots = torch.tensor([r.sampler_slot for r in requests], dtype=torch.long, device=dev)
 
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
-
-        # Penalties on the raw logits (over prompt + output for repetition, output for the OpenAI ones).
-        rep = [p.repetition_penalty for p in params]
-        pres = [p.presence_penalty for p in params]
-        freq = [p.frequency_penalty for p in params]
-        if any(x != 1.0 for x in rep) or any(pres) or any(freq):
-            counts = self.output_counts[slots]
-            if any(x != 1.0 for x in rep):
-                seen = self.prompt_mask[slots] | (counts > 0)
-                logits = apply_repetition_penalty(logits, seen, torch.tensor(rep, device=dev))
-            if any(pres) or any(freq):
-                logits = apply_presence_frequency_penalties(
-                    logits, counts, torch.tensor(pres, device=dev), torch.tensor(freq, device=dev)
-                )
 
         # min_tokens: stop tokens are impossible until the request has generated enough.
         for i, r in enumerate(requests):
@@ -125,18 +190,38 @@ class Sampler:
                 banned = set(params[i].stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
                 if banned:
                     logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
-        # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
-        if V > self.vocab_size:
-            logits[:, self.vocab_size :] = NEG_INF
 
-        tokens = logits.argmax(dim=-1)
+        # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
+        logits = logits[:, : self.vocab_size]
+        V = logits.shape[1]
+        # Every row's parameters in two host arrays, one copy each to the device.
+        floats = torch.tensor(
+            [(p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.temperature, p.top_p, p.min_p)
+             for p in params], dtype=torch.float32)
+        top_k = [p.top_k if p.top_k > 0 else V for p in params]
+        ints = torch.tensor(
+            [(r.sampler_slot, r.sampling_seed, r.num_output_tokens, k) for r, k in zip(requests, top_k, strict=True)],
+            dtype=torch.int64)
         sampling_rows = [i for i, p in enumerate(params) if not p.greedy]
+        k_max = 0
         if sampling_rows:
-            tokens = self._sample_rows(logits, requests, params, tokens, sampling_rows)
+            k_max = min(max(top_k[i] for i in sampling_rows), V)
+            filters = k_max < V or any(params[i].top_p < 1.0 or params[i].min_p > 0 for i in sampling_rows)
+            k_max = k_max if filters else 0
+        ints = ints.to(dev, non_blocking=True)
+        tokens = self.transform_and_sample(
+            logits, self.prompt_mask, self.output_counts,
+            floats.to(dev, non_blocking=True), ints, k_max,
+            # Compiled, the penalties always run (fused, they cost one pass; a penalty of 1 or 0 changes
+            # nothing), so that requests with and without them share one compiled function.
+            self.compiled or any(p.repetition_penalty != 1.0 for p in params),
+            self.compiled or any(p.presence_penalty or p.frequency_penalty for p in params),
+            bool(sampling_rows),
+        )
 
         token_list = tokens.tolist()
         self.output_counts.index_put_(
-            (slots, tokens), torch.ones(B, dtype=torch.int32, device=dev), accumulate=True
+            (ints[:, 0], tokens), torch.ones(B, dtype=torch.int32, device=dev), accumulate=True
         )
         logprob_out: list[Logprob | None] = [None] * B
         if raw_logprobs is not None:
@@ -150,38 +235,3 @@ class Sampler:
                 top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)) if n else []
                 logprob_out[i] = Logprob(token_list[i], chosen[j], top)
         return SamplerOutput(token_list, logprob_out)
-
-    def _sample_rows(
-        self, logits: Tensor, requests: list[Request], params: list, tokens: Tensor, rows: list[int]
-    ) -> Tensor:
-        dev = logits.device
-        idx = torch.tensor(rows, device=dev)
-        x = logits[idx]
-        temp = torch.tensor([params[i].temperature for i in rows], device=dev)
-        x = x / temp[:, None]
-        top_k = [params[i].top_k if params[i].top_k > 0 else self.vocab_size for i in rows]
-        top_p = [params[i].top_p for i in rows]
-        min_p = [params[i].min_p for i in rows]
-        seeds = torch.tensor([requests[i].sampling_seed for i in rows], dtype=torch.long, device=dev)
-        steps = torch.tensor([requests[i].num_output_tokens for i in rows], dtype=torch.long, device=dev)
-        k_max = min(max(top_k), x.shape[-1])
-        needs_filter = k_max < x.shape[-1] or any(p < 1.0 for p in top_p) or any(m > 0 for m in min_p)
-        if not needs_filter:
-            ids = torch.arange(x.shape[-1], device=dev).expand(len(rows), -1)
-            choice = (x + gumbel_noise(seeds, steps, ids)).argmax(dim=-1)
-            tokens[idx] = choice
-            return tokens
-        # Candidates: the k_max best tokens of each row, best first.
-        vals, ids = x.topk(k_max, dim=-1)
-        rank = torch.arange(k_max, device=dev)[None, :]
-        vals = vals.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], NEG_INF)
-        probs = vals.softmax(dim=-1)
-        p = torch.tensor(top_p, device=dev)[:, None]
-        drop = (probs.cumsum(dim=-1) - probs >= p) & (p < 1.0)
-        m = torch.tensor(min_p, device=dev)[:, None]
-        drop |= probs < probs[:, :1] * m
-        drop[:, 0] = False  # the most likely token always stays
-        vals = vals.masked_fill(drop, NEG_INF)
-        choice = (vals + gumbel_noise(seeds, steps, ids)).argmax(dim=-1)
-        tokens[idx] = ids.gather(1, choice[:, None])[:, 0]
-        return tokens

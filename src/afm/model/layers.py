@@ -176,12 +176,50 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_dim, bias=False)
         self.v_proj = nn.Linear(h, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, h, bias=False)
+        # Set by `pack_qkv` for inference: the three projection matrices stacked into one.
+        self.qkv_weight: Tensor | None = None
+
+    def pack_qkv(self) -> bool:
+        """Store the q, k and v weights in one (q_dim + 2 kv_dim, hidden) matrix, so that inference runs
+        one matmul instead of three (decoding a token reads the weights once, in one kernel launch).
+
+        The three parameters become views of that matrix: state dicts, in-place weight updates and
+        checkpoints still see `q_proj`, `k_proj` and `v_proj`. Only forwards without autograd (serving)
+        use the packed matrix; training keeps the three linears, so gradients reach them. Returns False,
+        changing nothing, when the projections are not plain linears of one dtype (quantized, LoRA).
+        """
+        if self.qkv_weight is not None:
+            return True
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            return False
+        weights = [m.weight for m in linears]
+        if len({(w.dtype, w.device) for w in weights}) != 1 or weights[0].device.type == "meta":
+            return False
+        packed = torch.cat([w.detach() for w in weights])
+        offset = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight.data = packed[offset : offset + rows]
+            offset += rows
+        self.qkv_weight = packed
+        return True
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Moving or casting gives the parameters new storage: a packed copy would go stale, so drop it.
+        self.qkv_weight = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionBackend) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None and not torch.is_grad_enabled():
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

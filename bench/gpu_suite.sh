@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of docs/benchmarks.md in one go, each under its own time limit so that one slow or
+# failing part does not cost the other. Results (JSON, logs, profiles) go to $OUT.
+#
+#   OUT=runs/gpu bash bench/gpu_suite.sh          # on a GPU machine, from the repository root
+#   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
+#
+# ENGINE_COMPILE=off|on|both picks the engine variants (default both); ENGINE_S and TRAIN_S are the
+# parts' time limits in seconds.
+set -u
+OUT=${OUT:-runs/gpu-suite}
+mkdir -p "$OUT/engine"
+PY=${PYTHON:-python}
+
+if [ "${1:-}" = "--tiny" ]; then
+    ENGINE=(--preset afm-nano --device cpu --concurrency 1 8 --input-len 64 --output-len 16 --max-model-len 256
+            --kv-cache-gib 0.2 --baseline-concurrency 1 8)
+    TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu)
+    echo "cpu dry run" > "$OUT/machine.txt"
+else
+    ENGINE=(--preset afm-4.5b --concurrency 1 16 64 250 --kv-cache-gib 40 --baseline-concurrency 1 250)
+    TRAIN=(--layers 36 --seq 4096 --batch 1 --steps 10 --warmup 3)
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/machine.txt"
+fi
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
+timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" --baseline \
+    --breakdown --out "$OUT/engine" 2>&1 | tee "$OUT/engine.log"
+# 2. Training step: afm eager, afm compiled (fp32 master weights), afm compiled in pure bf16, transformers.
+timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
+    | tee "$OUT/train.log"
+echo "done"
