@@ -126,8 +126,10 @@ def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
     from afm.engine.sampler import Sampler
 
     vocab, padded = 290, 300  # a model vocabulary padded past the tokenizer's
-    sampler = Sampler(vocab, 40, torch.device("cpu"), compile=compile)
+    sampler = Sampler(vocab, 40, torch.device("cpu"), compile=compile, logits_width=padded)
     eager = Sampler(vocab, 40, torch.device("cpu"))
+    sampler.warm_up()
+    compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     rows = _requests(24, vocab)
     seen_draws = {i: set() for i in range(len(rows))}
     for trial in range(6):
@@ -136,7 +138,8 @@ def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
         for r in rows:
             r.sampler_slot = None
             sampler.free_slots = list(range(39, -1, -1))
-        out = sampler.sample(x.clone(), rows)
+        with torch.inference_mode():  # as the engine samples
+            out = sampler.sample(x.clone(), rows)
         if compile:  # the compiled function draws exactly what the eager one draws
             for r in rows:
                 r.sampler_slot = None
@@ -145,5 +148,7 @@ def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
         for i, (r, t) in enumerate(zip(rows, out.token_ids, strict=True)):
             assert t in _allowed(x[i], r, vocab), (i, r.sampling_params)
             seen_draws[i].add(t)
+    # The warm-up compiled what these batches need: serving them compiled nothing more.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
     # Sampled rows do draw different tokens across trials (the draw is not stuck on the argmax).
     assert any(len(s) > 1 for i, s in seen_draws.items() if rows[i].sampling_params.temperature > 0)

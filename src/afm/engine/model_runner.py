@@ -133,7 +133,8 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.compile = config.use_compile(self.device)
-        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, compile=self.compile)
+        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, compile=self.compile,
+                               logits_width=mc.vocab_size)
         self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
         if self.compile:
             # One compilation with a symbolic batch size serves every decode batch (and captured graph).

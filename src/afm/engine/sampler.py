@@ -120,8 +120,11 @@ class Sampler:
     With `compile`, `transform_and_sample` runs through torch.compile (a symbolic batch size).
     """
 
-    def __init__(self, vocab_size: int, max_slots: int, device: torch.device, compile: bool = False) -> None:
+    def __init__(self, vocab_size: int, max_slots: int, device: torch.device, compile: bool = False,
+                 logits_width: int | None = None) -> None:
         self.vocab_size = vocab_size
+        # The model's output width: its vocabulary may be padded past the tokenizer's `vocab_size`.
+        self.logits_width = logits_width or vocab_size
         self.device = device
         self.max_slots = max_slots
         self.prompt_mask = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=device)
@@ -156,6 +159,7 @@ class Sampler:
             self.free_slots.append(request.sampler_slot)
             request.sampler_slot = None
 
+    @torch.inference_mode()  # as in `ModelRunner.execute`: the compiled code is specific to the grad mode
     def warm_up(self, logits_dtype: torch.dtype = torch.float32) -> None:
         """Compile ahead of the first requests: greedy and filtered sampling (AFM's defaults), for a
         batch of one and of several (a batch of one is its own compilation)."""
@@ -163,7 +167,9 @@ class Sampler:
             return
         for batch in (1, 2):
             for k_max, temperature in ((0, 0.0), (min(50, self.vocab_size), 0.5)):
-                logits = torch.zeros(batch, self.vocab_size, dtype=logits_dtype, device=self.device)
+                # Shaped and strided as in `sample`: the model's width, cut to the tokenizer's vocabulary.
+                logits = torch.zeros(batch, self.logits_width, dtype=logits_dtype, device=self.device)
+                logits = logits[:, : self.vocab_size]
                 floats = torch.tensor([[1.1, 0.0, 0.0, temperature, 0.95, 0.0]] * batch, device=self.device)
                 ints = torch.tensor([[0, 0, 0, max(k_max, 1)]] * batch, device=self.device)
                 self.transform_and_sample(logits, self.prompt_mask, self.output_counts, floats, ints, k_max,
