@@ -137,6 +137,7 @@ class ModelRunner:
                                logits_width=mc.vocab_size)
         self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
         if self.compile:
+            self._compile_prefill_regions()
             # One compilation with a symbolic batch size serves every decode batch (and captured graph).
             # The caches' shapes stay constants: otherwise a batch as large as the block size would
             # become a guard ("batch == block_size") and every other batch a recompilation.
@@ -148,6 +149,22 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         self.sampler.warm_up()
+
+    @torch.inference_mode()
+    def _compile_prefill_regions(self) -> None:
+        """Steps with prefill tokens run the model eagerly (their shapes vary too much for one graph), but
+        at thousands of tokens the norms and the ReLU² between the MLP's matmuls are most of the memory
+        traffic outside the matmuls: those modules run compiled (one small compilation each, shared by
+        every layer; the decode forward's compilation traces through them)."""
+        model = self.model.model
+        for layer in model.layers:
+            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                module.compile(dynamic=True)
+        model.norm.compile(dynamic=True)
+        # Compile now rather than at the first prefill (a step always has two or more tokens here).
+        x = torch.zeros(1, 2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
+        model.layers[0].input_layernorm(x)
+        model.layers[0].mlp(x)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
 
