@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from afm.model import CausalAttention, build_model, get_preset, positions_from_documents
+from afm.model.hf import load_pretrained, save_pretrained
 from afm.model.layers import rope_inverse_frequencies
 
 from .conftest import YARN, tiny_config
@@ -102,7 +103,7 @@ def test_forward_rejects_flat_input():
         model(torch.tensor([1, 2, 3]))
 
 
-def test_packed_qkv_serves_the_same_model_and_trains_the_three_projections():
+def test_packed_qkv_serves_the_same_model_and_trains_the_three_projections(tmp_path):
     model = build_model(tiny_config(), seed=3).eval()
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
@@ -114,6 +115,8 @@ def test_packed_qkv_serves_the_same_model_and_trains_the_three_projections():
     with torch.no_grad():
         assert torch.allclose(model(ids), before, atol=1e-5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # checkpoints unchanged
+    save_pretrained(model, tmp_path)  # the three views of one matrix save as three tensors
+    assert all(torch.equal(v, load_pretrained(tmp_path).state_dict()[k]) for k, v in state.items())
     # An in-place update of a projection (an optimizer step, load_state_dict) reaches the packed matrix.
     with torch.no_grad():
         attn.k_proj.weight.add_(0.5)

@@ -187,8 +187,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from afm.engine import LLM
 
     device = args.device or _device_default()
+    # One request: compiling (minutes on a GPU) would cost more than it saves.
     llm = LLM(args.path, device=device, dtype=args.dtype, max_model_len=args.max_model_len,
-              kv_cache_memory_gib=args.kv_cache_gib, max_num_seqs=1)
+              kv_cache_memory_gib=args.kv_cache_gib, max_num_seqs=1, compile=False)
     params = llm.engine.default_sampling_params(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -81,7 +81,7 @@ def sample_chats(checkpoint: Path, max_model_len: int, prompts: list[str] | None
     `afm chat` samples (the checkpoint's generation_config.json) with a fixed seed."""
     from afm.engine import LLM
 
-    llm = LLM(str(checkpoint), max_model_len=max_model_len, kv_cache_memory_gib=0.1)
+    llm = LLM(str(checkpoint), max_model_len=max_model_len, kv_cache_memory_gib=0.1, compile=False)  # a few replies
     prompts = prompts or CHAT_PROMPTS
     ids = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                              tokenize=True) for p in prompts]
