@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -136,7 +137,9 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, compile=self.compile,
                                logits_width=mc.vocab_size)
         self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
+        started = time.monotonic()
         if self.compile:
+            log.info("compiling the model with torch.compile (a minute or two on a GPU; cached for the next start)")
             self._compile_prefill_regions()
             # One compilation with a symbolic batch size serves every decode batch (and captured graph).
             # The caches' shapes stay constants: otherwise a batch as large as the block size would
@@ -149,6 +152,9 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_graphs()
         self.sampler.warm_up()
+        if self.compile or self.graphs:
+            log.info("engine ready in %.0f s (compile %s, %d CUDA graphs)", time.monotonic() - started,
+                     "on" if self.compile else "off", len(self.graphs))
 
     @torch.inference_mode()
     def _compile_prefill_regions(self) -> None:
@@ -357,6 +363,7 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         smallest = 2 if self.compile and max_bs >= 2 else 1
         sizes = sorted(graph_batch_sizes(max_bs, smallest), reverse=True)  # largest first: smaller ones reuse its pool
+        log.info("capturing CUDA graphs for %d decode batch sizes up to %d", len(sizes), max_bs)
         for bs in sizes:
             md = AttentionMetadata(
                 slot_mapping=self.g_slot_mapping[:bs],
