@@ -301,3 +301,16 @@ def test_unwritten_cache_slots_never_leak_into_outputs(model, tokenizer):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for p, o in zip(prompts, outs, strict=True):
         assert o.outputs[0].token_ids == naive(model, p, 10)
+
+
+def test_compile_defaults_and_graph_ladder():
+    from afm.engine.config import EngineConfig
+    from afm.engine.model_runner import graph_batch_sizes
+
+    assert EngineConfig().use_compile("cuda") and not EngineConfig().use_compile("cpu")
+    assert not EngineConfig(enforce_eager=True).use_compile("cuda")
+    assert EngineConfig(compile=True).use_compile("cpu") and not EngineConfig(compile=False).use_compile("cuda")
+    assert EngineConfig().use_compile(torch.device("cuda"))
+    assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    # A compiled forward treats a batch of one as its own shape: its ladder starts at 2.
+    assert graph_batch_sizes(20, smallest=2) == [2, 4, 8, 16, 20]
