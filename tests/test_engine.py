@@ -314,3 +314,22 @@ def test_compile_defaults_and_graph_ladder():
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     # A compiled forward treats a batch of one as its own shape: its ladder starts at 2.
     assert graph_batch_sizes(20, smallest=2) == [2, 4, 8, 16, 20]
+
+
+def test_automatic_compilation_that_fails_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
+    from afm.engine.config import EngineConfig
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match="no compiler"):  # asked for explicitly: the error stands
+        make_llm(model, tokenizer, max_model_len=128, compile=True)
+    # Automatic (as on GPUs): the engine warns and serves eagerly.
+    monkeypatch.setattr(EngineConfig, "use_compile", lambda self, device: True)
+    with caplog.at_level("WARNING", logger="afm.engine.model_runner"):
+        llm = make_llm(model, tokenizer, max_model_len=128)
+    assert "torch.compile failed" in caplog.text and not llm.engine.runner.compile
+    out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == naive(model, [3, 4, 5], 6)
+    assert all(layer.mlp._compiled_call_impl is None for layer in model.model.layers)

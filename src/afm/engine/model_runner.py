@@ -134,10 +134,28 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
         self.compile = config.use_compile(self.device)
-        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, compile=self.compile,
-                               logits_width=mc.vocab_size)
-        self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
+        self.vocab_size = vocab_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         started = time.monotonic()
+        try:
+            self._prepare_steps()
+        except Exception as e:
+            if not (self.compile and config.compile is None):
+                raise
+            # Compilation was automatic: serve without it rather than not at all, and say why.
+            log.warning("torch.compile failed at start-up (%s: %s); serving without it (compile=False skips "
+                        "the attempt)", type(e).__name__, e)
+            self._drop_compilation()
+            self._prepare_steps()
+        if self.compile or self.graphs:
+            log.info("engine ready in %.0f s (compile %s, %d CUDA graphs)", time.monotonic() - started,
+                     "on" if self.compile else "off", len(self.graphs))
+
+    def _prepare_steps(self) -> None:
+        """Build the sampler, compile (with `compile`) and capture the decode graphs (on GPUs)."""
+        self.sampler = Sampler(self.vocab_size, self.config.max_num_seqs + 1, self.device, compile=self.compile,
+                               logits_width=self.model.config.vocab_size)
+        self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
         if self.compile:
             log.info("compiling the model with torch.compile (a minute or two on a GPU; cached for the next start)")
             self._compile_prefill_regions()
@@ -148,13 +166,20 @@ class ModelRunner:
                 for t in kv:
                     torch._dynamo.mark_static(t)
             self.decode_forward = torch.compile(self._logits_forward, dynamic=True, fullgraph=True)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not self.config.enforce_eager:
             self._capture_graphs()
         self.sampler.warm_up()
-        if self.compile or self.graphs:
-            log.info("engine ready in %.0f s (compile %s, %d CUDA graphs)", time.monotonic() - started,
-                     "on" if self.compile else "off", len(self.graphs))
+
+    def _drop_compilation(self) -> None:
+        self.compile = False
+        model = self.model.model
+        for module in [model.norm, *(m for layer in model.layers
+                                     for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))]:
+            module._compiled_call_impl = None  # what `nn.Module.compile` set: plain calls again
+        self.graphs = {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def _compile_prefill_regions(self) -> None:
