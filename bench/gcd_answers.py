@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.engine import LLM, SamplingParams  # noqa: E402
 from afm.rl.envs import make_env  # noqa: E402
+from afm.rl.grpo import GRPOConfig  # noqa: E402
 
-EVAL_SEED = 1_000_003
+EVAL_SEED = GRPOConfig.eval_seed  # problems no recipe trains on
 
 
 def numbers(question: str) -> list[int]:

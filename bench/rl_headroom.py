@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.engine import LLM, SamplingParams  # noqa: E402
 from afm.rl.envs import make_env  # noqa: E402
+from afm.rl.grpo import GRPOConfig  # noqa: E402
 
-EVAL_SEED = 1_000_003  # GRPOConfig's default eval_seed: problems no recipe trains on
+EVAL_SEED = GRPOConfig.eval_seed  # problems no recipe trains on
 
 
 def headroom(llm: LLM, spec: str, n: int, k: int, max_tokens: int) -> dict[str, object]:

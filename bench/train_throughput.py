@@ -41,7 +41,8 @@ from afm.train.loop import param_groups  # noqa: E402
 
 
 class Clock:
-    """Marks on the device's timeline (CUDA events) or the host's; `split` gives mean seconds between marks."""
+    """Three marks per step on the device's timeline (CUDA events) or the host's: start, after the
+    backward, after the optimizer step."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"

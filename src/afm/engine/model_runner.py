@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from afm.engine.attention import AttentionMetadata, PagedAttention
 from afm.engine.block_manager import NULL_BLOCK
@@ -170,11 +170,15 @@ class ModelRunner:
             self._capture_graphs()
         self.sampler.warm_up()
 
+    def _prefill_regions(self) -> list[nn.Module]:
+        """The modules that steps with prefill tokens run compiled (see `_compile_prefill_regions`)."""
+        model = self.model.model
+        return [model.norm, *(m for layer in model.layers
+                              for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))]
+
     def _drop_compilation(self) -> None:
         self.compile = False
-        model = self.model.model
-        for module in [model.norm, *(m for layer in model.layers
-                                     for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))]:
+        for module in self._prefill_regions():
             module._compiled_call_impl = None  # what `nn.Module.compile` set: plain calls again
         self.graphs = {}
         if self.device.type == "cuda":
@@ -187,11 +191,9 @@ class ModelRunner:
         at thousands of tokens the norms and the ReLU² between the MLP's matmuls are most of the memory
         traffic outside the matmuls: those modules run compiled (one small compilation each, shared by
         every layer; the decode forward's compilation traces through them)."""
+        for module in self._prefill_regions():
+            module.compile(dynamic=True)
         model = self.model.model
-        for layer in model.layers:
-            for module in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-                module.compile(dynamic=True)
-        model.norm.compile(dynamic=True)
         # Compile now rather than at the first prefill (a step always has two or more tokens here).
         x = torch.zeros(1, 2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
         model.layers[0].input_layernorm(x)
@@ -296,39 +298,34 @@ class ModelRunner:
         sample_rows, prompt_rows = logit_rows(out)
         decode_only = all(s.num_tokens == 1 for s in out.scheduled)
         graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
-        all_logits: Tensor | None = None  # decode-only paths compute logits for every row
         if graph_bs is not None:
-            all_logits = self._replay(out, graph_bs)
-        elif decode_only and self.compile:
-            input_ids, positions, md = self._metadata(out)
-            # Fixed launch bounds, so that the compiled graph does not specialise on this step's lengths.
-            md.max_seq_len = self.max_model_len
-            dev = self.device
-            ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
-            pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
-            all_logits = self.decode_forward(ids_t, pos_t, PagedAttention(self.kv_caches, md, self.scale,
-                                                                          self.use_triton))
-        if all_logits is not None:
-            # A row is one request's single token.
-            logits_of_rows = all_logits
-            if prompt_rows:
-                self._prompt_logprobs(lambda rows: logits_of_rows[rows], prompt_rows)
-            if not sample_rows:
-                return []
-            logits = all_logits if len(sample_rows) == len(out.scheduled) else all_logits[sample_rows]
+            all_logits: Tensor | None = self._replay(out, graph_bs)
         else:
             input_ids, positions, md = self._metadata(out)
             dev = self.device
             ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
             pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
-            hidden = self.model.model(ids_t, pos_t, attention=attention)
+            if decode_only and self.compile:
+                # Fixed launch bounds, so that the compiled graph does not specialise on this step's lengths.
+                md.max_seq_len = self.max_model_len
+                all_logits = self.decode_forward(ids_t, pos_t, attention)
+            else:
+                all_logits = None
+                hidden = self.model.model(ids_t, pos_t, attention=attention)[0]
+        if all_logits is not None:  # decode-only paths compute logits for every row (one token per request)
+            full = all_logits
             if prompt_rows:
-                self._prompt_logprobs(lambda rows: self.model.lm_head(hidden[0, rows]), prompt_rows)
+                self._prompt_logprobs(lambda rows: full[rows], prompt_rows)
             if not sample_rows:
                 return []
-            rows = torch.tensor(sample_rows, device=dev)
-            logits = self.model.lm_head(hidden[0, rows])
+            logits = full if len(sample_rows) == len(out.scheduled) else full[sample_rows]
+        else:
+            if prompt_rows:
+                self._prompt_logprobs(lambda rows: self.model.lm_head(hidden[rows]), prompt_rows)
+            if not sample_rows:
+                return []
+            logits = self.model.lm_head(hidden[torch.tensor(sample_rows, device=self.device)])
         result = self.sampler.sample(logits.float(), sampling)
         return [StepResult(r, t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)]
 

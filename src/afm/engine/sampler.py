@@ -28,6 +28,7 @@ from afm.engine.sampling import (
     NEG_INF,
     apply_presence_frequency_penalties,
     apply_repetition_penalty,
+    apply_temperature,
 )
 
 _MASK32 = 0xFFFFFFFF
@@ -87,7 +88,7 @@ def transform_and_sample(
     if not sampling:
         return greedy
     temperature = row_floats[:, 3]
-    x = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    x = apply_temperature(logits, temperature)
     seeds, steps, top_k = row_ints[:, 1], row_ints[:, 2], row_ints[:, 3]
     if k_max == 0:
         ids = torch.arange(V, device=logits.device).expand(B, -1)
@@ -183,7 +184,7 @@ class Sampler:
         for r in requests:
             if r.sampler_slot is None:
                 self._assign_slot(r)
-        B, V = logits.shape
+        B = logits.shape[0]
         dev = logits.device
         params = [r.sampling_params for r in requests]
 

@@ -145,11 +145,13 @@ def score_reasoning_gym(llm: Any, dataset: str, *, n: int, seed: int, max_tokens
     prompts = [_prompt_ids(llm, prompt=q if use_chat else q + "\n", chat=use_chat) for q in questions]
     texts = generate_texts(llm, prompts, max_tokens=max_tokens, label=f"reasoning-gym:{dataset}", progress=progress)
     scores, formatted, errors = [], 0, 0
+    answers: Counter[str] = Counter()  # reference answers of the scored problems
     shown: list[dict[str, Any]] = []
     parser = HashParser()
     for q, entry, got in zip(questions, entries, texts, strict=True):
         if got is None:
             continue
+        answers[str(entry["answer"])] += 1
         parsed = parser.parse(got[0])
         formatted += parsed is not None
         try:
@@ -162,8 +164,7 @@ def score_reasoning_gym(llm: Any, dataset: str, *, n: int, seed: int, max_tokens
     m = len(scores)
     # The trivial baseline: always giving the most common reference answer (GCD's "1" or "2" is right
     # a third of the time), so a model that has only learned the answer prior is seen as such.
-    answered = [str(entry["answer"]) for entry, got in zip(entries, texts, strict=True) if got is not None]
-    common, count = Counter(answered).most_common(1)[0] if answered else ("", 0)
+    common, count = answers.most_common(1)[0] if answers else ("", 0)
     return {
         "n": m,
         **flatten({"score": graded(scores),
