@@ -49,6 +49,14 @@ def mixed_prompts(n, seed=0, shared=40):
     return prompts
 
 
+def assert_runner_holds_nothing(engine):
+    """No block-table row or sampler slot outlives its request."""
+    runner = engine.runner
+    assert len(runner.block_tables.free_rows) == runner.block_tables.table.shape[0]
+    assert not runner.block_tables.table.any()
+    assert len(runner.sampler.free_slots) == runner.sampler.max_slots
+
+
 @pytest.mark.parametrize(
     "engine_args",
     [
@@ -74,6 +82,7 @@ def test_greedy_equals_naive_generation(model, tokenizer, engine_args):
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_usable_blocks  # every run ends with all blocks free
     bm.check_invariants()
+    assert_runner_holds_nothing(llm.engine)
     if "num_kv_blocks" in engine_args:
         assert llm.engine.scheduler.num_preemptions > 0
     if engine_args["max_num_batched_tokens"] == 24:
@@ -187,6 +196,40 @@ def test_streaming_deltas_add_up(model, tokenizer):
     assert last.finished and "".join(pieces) == last.outputs[0].text and ids == last.outputs[0].token_ids
 
 
+def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
+    """The CUDA-graph decode path on the CPU: each "graph" replays its captured function eagerly, so the
+    input buffers, the padding to the ladder's sizes and the null-block rows are what is tested."""
+    from afm.engine.model_runner import graph_batch_sizes
+
+    args = {"max_model_len": 160, "max_num_seqs": 12, "block_size": 4, "max_num_batched_tokens": 64}
+    prompts = mixed_prompts(12, seed=3)
+    lengths = [3 + 2 * i for i in range(12)]  # requests leave one by one: batches of 12, 11, ..., 1
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in lengths]
+    eager = make_llm(model, tokenizer, **args).generate(prompts, params)
+    llm = make_llm(model, tokenizer, **args)
+    runner = llm.engine.runner
+    runner._allocate_graph_buffers(12)
+    replays = []
+
+    class EagerGraph:
+        def __init__(self, bs):
+            self.bs, self.run = bs, runner._graph_step(bs)
+
+        def replay(self):
+            replays.append(self.bs)
+            runner.g_logits[self.bs] = self.run()
+
+    runner.graphs = {bs: EagerGraph(bs) for bs in graph_batch_sizes(12)}
+    outs = llm.generate(prompts, params)
+    for prompt, n, out, ref in zip(prompts, lengths, outs, eager, strict=True):
+        assert out.outputs[0].token_ids == naive(model, prompt, n)
+        # Log-probabilities too: a padded row writing into a real block changes them, not always the argmax.
+        got = [lp.logprob for lp in out.outputs[0].logprobs]
+        assert got == pytest.approx([lp.logprob for lp in ref.outputs[0].logprobs], abs=1e-4)
+    assert {12, 8, 4, 2, 1} <= set(replays)  # padded batches (11, 7, 3 rows ...) included
+    assert_runner_holds_nothing(llm.engine)
+
+
 def test_abort_frees_blocks(model, tokenizer):
     llm = make_llm(model, tokenizer, max_model_len=128)
     engine = llm.engine
@@ -195,6 +238,7 @@ def test_abort_frees_blocks(model, tokenizer):
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_usable_blocks
     assert engine.abort(rid) and not engine.abort(rid)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_usable_blocks
+    assert_runner_holds_nothing(engine)
     assert not engine.has_unfinished_requests()
 
 

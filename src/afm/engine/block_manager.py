@@ -130,6 +130,8 @@ class BlockManager:
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after taking `cached_blocks`, a
         prefix-cache hit, as its first blocks). Returns False, changing nothing, if there are too few."""
+        if not cached_blocks and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return True  # the common decode step: the new token fits in the last block
         cached_blocks = cached_blocks or []
         if not self.can_allocate(request, num_new_tokens, cached_blocks):
             return False

@@ -262,7 +262,7 @@ class LLMEngine:
             return []
         results = self.runner.execute(sched)
         # Scoring-only requests (max_tokens 0) end when their prompt has been computed.
-        scored = [s.request for s in sched.scheduled if s.samples and s.request.sampling_params.max_tokens == 0]
+        scored = [s.request for s in sched.scheduled if s.request.sampling_params.max_tokens == 0 and s.samples]
         self.scheduler.update_after_step(sched)
         self.num_steps += 1
         now = time.monotonic()

@@ -1,7 +1,8 @@
 """The model runner: owns the KV cache, turns a scheduled batch into one forward pass, samples.
 
 A step's tokens (prefill chunks and decodes of many requests) run as one flattened row through the
-same `AFMForCausalLM` the trainer uses, with `PagedAttention` as its attention backend. Only the
+same `AFMForCausalLM` the trainer uses, with `PagedAttention` as its attention backend; its inputs come
+from `afm.engine.step_inputs` (block tables that persist between steps). Only the
 last position of each request that finishes its tokens this step goes through the LM head, plus every
 prompt position of requests that asked for prompt logprobs (their logprobs are stored on the request).
 
@@ -30,7 +31,8 @@ from afm.engine.block_manager import NULL_BLOCK
 from afm.engine.config import EngineConfig
 from afm.engine.request import Logprob, Request
 from afm.engine.sampler import Sampler
-from afm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from afm.engine.scheduler import SchedulerOutput
+from afm.engine.step_inputs import BlockTables, StepInputs
 from afm.errors import ConfigError
 from afm.model.transformer import AFMForCausalLM
 
@@ -74,21 +76,19 @@ class PromptLogprobRows:
     targets: list[int]
 
 
-def makes_token(s: ScheduledRequest) -> bool:
-    """Whether this step samples a token for the request (a scoring-only request, max_tokens 0, never does)."""
-    return s.samples and s.request.sampling_params.max_tokens != 0
-
-
-def logit_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptLogprobRows]]:
-    """Which rows of the flattened step need logits: one per sampling request, and every prompt position
-    of a request still gathering prompt logprobs (the row at position i scores prompt token i + 1)."""
+def logit_rows(out: SchedulerOutput) -> tuple[list[Request], list[int], list[PromptLogprobRows]]:
+    """Which rows of the flattened step need logits: the last row of each request that samples a token
+    this step (it reaches the end of its tokens; a scoring-only request, max_tokens 0, never samples),
+    and every prompt position of a request still gathering prompt logprobs (the row at position i
+    scores prompt token i + 1). Returns the sampling requests, their rows, and the prompt rows."""
+    sampling: list[Request] = []
     sample_rows: list[int] = []
     prompt_rows: list[PromptLogprobRows] = []
     row = 0
     for s in out.scheduled:
-        r, start, n = s.request, s.request.num_computed_tokens, s.num_tokens
-        if r.num_prompt_logprobs_pending:
-            assert r.prompt_logprobs is not None
+        r, n = s.request, s.num_tokens
+        start = r.num_computed_tokens
+        if r.prompt_logprobs is not None and r.num_prompt_logprobs_pending:
             done = len(r.prompt_logprobs)  # positions 0 .. done-1 are scored already (before a preemption)
             if done < start:
                 raise RuntimeError(f"request {r.request_id}: prompt positions {done}..{start - 1} were skipped "
@@ -97,9 +97,10 @@ def logit_rows(out: SchedulerOutput) -> tuple[list[int], list[PromptLogprobRows]
             if hi > lo:
                 prompt_rows.append(PromptLogprobRows(r, row + lo - start, r.prompt_token_ids[lo + 1 : hi + 1]))
         row += n
-        if makes_token(s):
+        if start + n == len(r.prompt_token_ids) + len(r.output_token_ids) and r.sampling_params.max_tokens != 0:
+            sampling.append(r)
             sample_rows.append(row - 1)
-    return sample_rows, prompt_rows
+    return sampling, sample_rows, prompt_rows
 
 
 @dataclass
@@ -118,6 +119,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.block_size = config.block_size
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.block_tables = BlockTables(config.max_num_seqs, self.max_blocks_per_seq, self.block_size)
         mc = model.config
         self.scale = 1.0 / math.sqrt(mc.head_dim)
         self.use_triton = self.device.type == "cuda"
@@ -135,7 +137,7 @@ class ModelRunner:
         ]
         self.compile = config.use_compile(self.device)
         self.vocab_size = vocab_size
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured graph
         started = time.monotonic()
         try:
             self._prepare_steps()
@@ -250,39 +252,16 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _metadata(self, out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray, AttentionMetadata]:
-        bs = self.block_size
-        ids_parts: list[list[int]] = []
-        pos_parts: list[np.ndarray] = []
-        slot_parts: list[np.ndarray] = []
-        seq_lens: list[int] = []
-        qsl = [0]
-        S = len(out.scheduled)
-        max_blocks = max(len(s.request.block_ids) for s in out.scheduled)
-        block_tables = np.zeros((S, max_blocks), dtype=np.int32)
-        for i, s in enumerate(out.scheduled):
-            r = s.request
-            start, n = r.num_computed_tokens, s.num_tokens
-            ids_parts.append(r.token_slice(start, start + n))
-            blocks = np.asarray(r.block_ids, dtype=np.int64)
-            block_tables[i, : len(blocks)] = blocks
-            pos = np.arange(start, start + n, dtype=np.int64)
-            pos_parts.append(pos)
-            slot_parts.append(blocks[pos // bs] * bs + pos % bs)
-            seq_lens.append(start + n)
-            qsl.append(qsl[-1] + n)
-        input_ids = np.fromiter((t for part in ids_parts for t in part), dtype=np.int64, count=qsl[-1])
-        positions = np.concatenate(pos_parts)
+    def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
         dev = self.device
-        md = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
-            max_query_len=max(s.num_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(inputs.seq_lens).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(inputs.block_tables).to(dev, non_blocking=True),
+            max_query_len=inputs.max_query_len,
+            max_seq_len=inputs.max_seq_len,
         )
-        return input_ids, positions, md
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[StepResult]:
@@ -291,20 +270,20 @@ class ModelRunner:
         Prompt logprobs computed this step are appended to their requests' `prompt_logprobs`.
         """
         for r in out.preempted:
-            self.sampler.release(r)
+            self.release(r)
         if out.is_empty:
             return []
-        sampling = [s.request for s in out.scheduled if makes_token(s)]
-        sample_rows, prompt_rows = logit_rows(out)
-        decode_only = all(s.num_tokens == 1 for s in out.scheduled)
+        sampling, sample_rows, prompt_rows = logit_rows(out)
+        decode_only = len(out.scheduled) == out.num_tokens
         graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
+        inputs = self.block_tables.build(out.scheduled)
         if graph_bs is not None:
-            all_logits: Tensor | None = self._replay(out, graph_bs)
+            all_logits: Tensor | None = self._replay(inputs, graph_bs)
         else:
-            input_ids, positions, md = self._metadata(out)
+            md = self._metadata(inputs)
             dev = self.device
-            ids_t = torch.from_numpy(input_ids).to(dev, non_blocking=True)[None]
-            pos_t = torch.from_numpy(positions).to(dev, non_blocking=True)[None]
+            ids_t = torch.from_numpy(inputs.input_ids).to(dev, non_blocking=True)[None]
+            pos_t = torch.from_numpy(inputs.positions).to(dev, non_blocking=True)[None]
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
             if decode_only and self.compile:
                 # Fixed launch bounds, so that the compiled graph does not specialise on this step's lengths.
@@ -360,7 +339,9 @@ class ModelRunner:
                 i += 1
 
     def release(self, request: Request) -> None:
+        """Free what the runner keeps for a request that finished, was aborted or was preempted."""
         self.sampler.release(request)
+        self.block_tables.release(request)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------
 
@@ -370,9 +351,8 @@ class ModelRunner:
                 return size
         return None
 
-    @torch.inference_mode()
-    def _capture_graphs(self) -> None:
-        max_bs = min(self.config.max_num_seqs, self.config.max_graph_batch_size)
+    def _allocate_graph_buffers(self, max_bs: int) -> None:
+        """The static inputs every captured decode graph reads (its first rows) and `_replay` fills."""
         dev = self.device
         self.g_input_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.g_positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -381,25 +361,35 @@ class ModelRunner:
         self.g_block_tables = torch.full((max_bs, self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32, device=dev)
         self.g_query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, Tensor] = {}
+
+    def _graph_step(self, bs: int) -> Callable[[], Tensor]:
+        """The decode forward of the first `bs` rows of the graph buffers: what a graph captures."""
+        md = AttentionMetadata(
+            slot_mapping=self.g_slot_mapping[:bs],
+            query_start_loc=self.g_query_start_loc[: bs + 1],
+            seq_lens=self.g_seq_lens[:bs],
+            block_tables=self.g_block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
         forward = self.decode_forward
+
+        def run() -> Tensor:
+            attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
+            return forward(self.g_input_ids[:bs][None], self.g_positions[:bs][None], attention)
+
+        return run
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        max_bs = min(self.config.max_num_seqs, self.config.max_graph_batch_size)
+        self._allocate_graph_buffers(max_bs)
         pool = torch.cuda.graph_pool_handle()
         smallest = 2 if self.compile and max_bs >= 2 else 1
         sizes = sorted(graph_batch_sizes(max_bs, smallest), reverse=True)  # largest first: smaller ones reuse its pool
         log.info("capturing CUDA graphs for %d decode batch sizes up to %d", len(sizes), max_bs)
         for bs in sizes:
-            md = AttentionMetadata(
-                slot_mapping=self.g_slot_mapping[:bs],
-                query_start_loc=self.g_query_start_loc[: bs + 1],
-                seq_lens=self.g_seq_lens[:bs],
-                block_tables=self.g_block_tables[:bs],
-                max_query_len=1,
-                max_seq_len=self.max_model_len,
-            )
-
-            def run(bs: int = bs, md: AttentionMetadata = md) -> Tensor:
-                attention = PagedAttention(self.kv_caches, md, self.scale, use_triton=True)
-                return forward(self.g_input_ids[:bs][None], self.g_positions[:bs][None], attention)
-
+            run = self._graph_step(bs)
             run()  # warm up (Triton compilation, cuBLAS handles) outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -413,28 +403,23 @@ class ModelRunner:
     def _logits_forward(self, input_ids: Tensor, positions: Tensor, attention: PagedAttention) -> Tensor:
         return self.model.lm_head(self.model.model(input_ids, positions, attention=attention)[0])
 
-    def _replay(self, out: SchedulerOutput, graph_bs: int) -> Tensor:
-        n = len(out.scheduled)
-        bs = self.block_size
-        ids = np.zeros(graph_bs, dtype=np.int64)
-        pos = np.zeros(graph_bs, dtype=np.int64)
-        slots = np.zeros(graph_bs, dtype=np.int64)  # padded rows write into the null block
-        lens = np.ones(graph_bs, dtype=np.int32)
-        width = max(len(s.request.block_ids) for s in out.scheduled)
-        tables = np.full((graph_bs, width), NULL_BLOCK, dtype=np.int32)
-        for i, s in enumerate(out.scheduled):
-            r = s.request
-            p = r.num_computed_tokens
-            ids[i] = r.token_id(p)
-            pos[i] = p
-            slots[i] = r.block_ids[p // bs] * bs + p % bs
-            lens[i] = p + 1
-            tables[i, : len(r.block_ids)] = r.block_ids
-        self.g_input_ids[:graph_bs].copy_(torch.from_numpy(ids), non_blocking=True)
-        self.g_positions[:graph_bs].copy_(torch.from_numpy(pos), non_blocking=True)
-        self.g_slot_mapping[:graph_bs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.g_seq_lens[:graph_bs].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.g_block_tables[:graph_bs, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+    def _replay(self, inputs: StepInputs, graph_bs: int) -> Tensor:
+        """Copy a decode step's inputs into the graph's buffers (rows past the batch write into the null
+        block) and replay the graph captured for `graph_bs` rows."""
+        n = inputs.num_requests
+        width = inputs.block_tables.shape[1]
+
+        def padded(values: np.ndarray, fill: int) -> Tensor:
+            out = np.full(graph_bs, fill, dtype=values.dtype)
+            out[:n] = values
+            return torch.from_numpy(out)
+
+        self.g_input_ids[:graph_bs].copy_(padded(inputs.input_ids, 0), non_blocking=True)
+        self.g_positions[:graph_bs].copy_(padded(inputs.positions, 0), non_blocking=True)
+        self.g_slot_mapping[:graph_bs].copy_(padded(inputs.slot_mapping, NULL_BLOCK * self.block_size), non_blocking=True)
+        self.g_seq_lens[:graph_bs].copy_(padded(inputs.seq_lens, 1), non_blocking=True)
+        self.g_block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        self.g_block_tables[n:graph_bs, :width].fill_(NULL_BLOCK)
         self.g_block_tables[:graph_bs, width:].fill_(NULL_BLOCK)
         self.graphs[graph_bs].replay()
         return self.g_logits[graph_bs][:n]

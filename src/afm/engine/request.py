@@ -57,7 +57,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     sampling_seed: int = 0
-    sampler_slot: int | None = None
+    sampler_slot: int | None = None  # the sampler's statistics row, while the request runs
+    block_table_row: int | None = None  # the model runner's block-table row, while the request runs
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

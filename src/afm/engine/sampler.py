@@ -10,7 +10,9 @@ long-lived requests needs:
   whole batch is sampled with a few vectorised operations;
 - top-k, top-p and min-p over the top-k candidates only (AFM samples with top_k 50), and a full-vocabulary
   path when no request filters;
-- the per-row parameters travel to the device as two small tensors, and the tensor work is one pure
+- each slot's parameters are kept on the host when a request takes the slot, so a step gathers its rows'
+  parameters with numpy indexing (no per-request loop); they travel to the device as two small
+  tensors, and the tensor work is one pure
   function, `transform_and_sample`, which the engine can hand to torch.compile: a decode step's sampling
   is then a handful of fused kernels instead of about seventy small ones, whose launch cost dominates
   small batches on GPUs.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -131,6 +134,14 @@ class Sampler:
         self.prompt_mask = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(max_slots, vocab_size, dtype=torch.int32, device=device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
+        # Each slot's sampling parameters, written once when a request takes the slot, so that a step
+        # gathers its rows' parameters with one numpy indexing instead of a loop over requests:
+        # floats as `transform_and_sample`'s row_floats; seed and resolved top_k; min_tokens; logprobs
+        # (-1: not asked for).
+        self.slot_floats = np.zeros((max_slots, 6), dtype=np.float32)
+        self.slot_seed_top_k = np.zeros((max_slots, 2), dtype=np.int64)
+        self.slot_min_tokens = np.zeros(max_slots, dtype=np.int64)
+        self.slot_logprobs = np.full(max_slots, -1, dtype=np.int64)
         self.compiled = compile
         self.transform_and_sample = transform_and_sample
         if compile:
@@ -147,6 +158,12 @@ class Sampler:
             raise RuntimeError("no free sampler slot; max_slots must cover every running request")
         slot = self.free_slots.pop()
         request.sampler_slot = slot
+        p = request.sampling_params
+        self.slot_floats[slot] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.temperature,
+                                  p.top_p, p.min_p)
+        self.slot_seed_top_k[slot] = (request.sampling_seed, p.top_k if p.top_k > 0 else self.vocab_size)
+        self.slot_min_tokens[slot] = p.min_tokens
+        self.slot_logprobs[slot] = -1 if p.logprobs is None else p.logprobs
         prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
         self.prompt_mask[slot].zero_()
         self.prompt_mask[slot, prompt] = True
@@ -186,59 +203,56 @@ class Sampler:
                 self._assign_slot(r)
         B = logits.shape[0]
         dev = logits.device
-        params = [r.sampling_params for r in requests]
+        slots = np.fromiter((r.sampler_slot for r in requests), dtype=np.int64, count=B)
+        steps = np.fromiter((len(r.output_token_ids) for r in requests), dtype=np.int64, count=B)
+        floats = self.slot_floats[slots]
+        seed_top_k = self.slot_seed_top_k[slots]
+        logprob_k = self.slot_logprobs[slots]
 
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+        want_logprobs = logprob_k >= 0
+        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs.any() else None
 
         # min_tokens: stop tokens are impossible until the request has generated enough.
-        for i, r in enumerate(requests):
-            if r.num_output_tokens < params[i].min_tokens:
-                banned = set(params[i].stop_token_ids) | (set() if params[i].ignore_eos else set(r.eos_token_ids))
-                if banned:
-                    logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
+        for i in np.flatnonzero(steps < self.slot_min_tokens[slots]).tolist():
+            p, r = requests[i].sampling_params, requests[i]
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+            if banned:
+                logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
 
         # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
         logits = logits[:, : self.vocab_size]
         V = logits.shape[1]
-        # Every row's parameters in two host arrays, one copy each to the device.
-        floats = torch.tensor(
-            [(p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.temperature, p.top_p, p.min_p)
-             for p in params], dtype=torch.float32)
-        top_k = [p.top_k if p.top_k > 0 else V for p in params]
-        ints = torch.tensor(
-            [(r.sampler_slot, r.sampling_seed, r.num_output_tokens, k) for r, k in zip(requests, top_k, strict=True)],
-            dtype=torch.int64)
-        sampling_rows = [i for i, p in enumerate(params) if not p.greedy]
+        ints = np.stack([slots, seed_top_k[:, 0], steps, seed_top_k[:, 1]], axis=1)
+        sampling = floats[:, 3] > 0  # temperature 0 is greedy
         k_max = 0
-        if sampling_rows:
-            k_max = min(max(top_k[i] for i in sampling_rows), V)
-            filters = k_max < V or any(params[i].top_p < 1.0 or params[i].min_p > 0 for i in sampling_rows)
+        if sampling.any():
+            k_max = min(int(seed_top_k[sampling, 1].max()), V)
+            filters = k_max < V or bool(((floats[sampling, 4] < 1.0) | (floats[sampling, 5] > 0)).any())
             k_max = k_max if filters else 0
-        ints = ints.to(dev, non_blocking=True)
+        ints_t = torch.from_numpy(ints).to(dev, non_blocking=True)
         tokens = self.transform_and_sample(
             logits, self.prompt_mask, self.output_counts,
-            floats.to(dev, non_blocking=True), ints, k_max,
+            torch.from_numpy(floats).to(dev, non_blocking=True), ints_t, k_max,
             # Compiled, the penalties always run (fused, they cost one pass; a penalty of 1 or 0 changes
             # nothing), so that requests with and without them share one compiled function.
-            self.compiled or any(p.repetition_penalty != 1.0 for p in params),
-            self.compiled or any(p.presence_penalty or p.frequency_penalty for p in params),
-            bool(sampling_rows),
+            self.compiled or bool((floats[:, 0] != 1.0).any()),
+            self.compiled or bool(floats[:, 1:3].any()),
+            bool(sampling.any()),
         )
 
         token_list = tokens.tolist()
         self.output_counts.index_put_(
-            (ints[:, 0], tokens), torch.ones(B, dtype=torch.int32, device=dev), accumulate=True
+            (ints_t[:, 0], tokens), torch.ones(B, dtype=torch.int32, device=dev), accumulate=True
         )
         logprob_out: list[Logprob | None] = [None] * B
         if raw_logprobs is not None:
-            rows = [i for i in range(B) if want_logprobs[i]]
+            rows = np.flatnonzero(want_logprobs).tolist()
             idx = torch.tensor(rows, device=dev)
             chosen = raw_logprobs[idx, tokens[idx]].tolist()
-            k = max(params[i].logprobs or 0 for i in rows)
+            k = int(logprob_k[rows].max())
             top_vals, top_ids = (raw_logprobs[idx].topk(k, dim=-1) if k > 0 else (None, None))
             for j, i in enumerate(rows):
-                n = params[i].logprobs or 0
+                n = int(logprob_k[i])
                 top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)) if n else []
                 logprob_out[i] = Logprob(token_list[i], chosen[j], top)
         return SamplerOutput(token_list, logprob_out)
