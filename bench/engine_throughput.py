@@ -224,11 +224,66 @@ def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps
             engine.abort(rid)
     row = {"concurrency": concurrency, "steps": steps, "step_ms": 1e3 * statistics.median(wall),
            "batch_at_end": running_at_end}
+    # The rate of a request while only decodes run (no prefill steps in between).
+    row["decode_tok_s_per_request"] = 1e3 / row["step_ms"]
     if marks:
         torch.cuda.synchronize()
         fwd = statistics.median(a.elapsed_time(b) for a, b, _ in marks)
         smp = statistics.median(b.elapsed_time(c) for _, b, c in marks)
         row.update(forward_ms=fwd, sampler_ms=smp, host_only_ms=row["step_ms"] - fwd - smp)
+    return row
+
+
+def prefill_breakdown(llm: LLM, input_len: int, vocab: int, repeats: int, profile_to: Path | None) -> dict:
+    """Steps that are all prefill: as many fresh prompts as fill one step's token budget, computed in one
+    step (no decodes, no prefix-cache hits). Reports the step's time and the FLOP rate it reaches,
+    with FLOPs counted as `bench/engine_roofline.py` counts them."""
+    from afm.train.flops import matmul_params, peak_flops
+
+    engine = llm.engine
+    cfg = engine.model.config
+    budget = engine.scheduler_config.max_num_batched_tokens
+    n = max(1, budget // input_len)
+    tokens = n * input_len
+    head = cfg.vocab_size * cfg.hidden_size
+    keys = n * input_len * (input_len + 1) // 2
+    flops = (2 * tokens * (matmul_params(cfg) - head) + 2 * n * head
+             + 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * keys)
+    params = SamplingParams(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1, max_tokens=1,
+                            ignore_eos=True, detokenize=False)
+    cuda = engine.runner.device.type == "cuda"
+    times = []
+    for i in range(repeats + 1 + (profile_to is not None)):
+        for prompt in random_prompts(n, input_len, vocab, seed=1000 + i):
+            engine.add_request(None, prompt, params, stream=False)
+        profiling = profile_to is not None and i == repeats + 1
+        if profiling:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            prof.__enter__()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        if profiling:
+            prof.__exit__(None, None, None)
+            key = "cuda_time_total" if cuda else "cpu_time_total"
+            profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        elif i > 0:  # the first round warms up
+            if steps != 1:
+                raise RuntimeError(f"{n} prompts of {input_len} tokens took {steps} steps, not one")
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    peak = peak_flops(engine.runner.device)
+    row = {"prompts": n, "tokens": tokens, "step_ms": 1e3 * step_s, "tflops": flops / step_s / 1e12}
+    if peak:
+        row["mfu"] = flops / step_s / peak
     return row
 
 
@@ -375,7 +430,13 @@ def main() -> None:
                     r = step_breakdown(llm, c, args.input_len, config.vocab_size, 30, prof_file)
                     info["step_breakdown"].append(r)
                     log(f"  {name} decode step at concurrency {c}: "
-                        + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_ms")))
+                        + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith("_ms"))
+                        + f" ({r['decode_tok_s_per_request']:.1f} tok/s per request while only decodes run)")
+                prof_file = args.out / f"profile-{name}-prefill.txt" if args.out else None
+                r = prefill_breakdown(llm, args.input_len, config.vocab_size, 5, prof_file)
+                info["prefill_step"] = r
+                log(f"  {name} prefill-only step: {r['prompts']} x {args.input_len} tokens in {r['step_ms']:.1f} ms = "
+                    f"{r['tflops']:.1f} TFLOP/s" + (f" ({100 * r['mfu']:.1f} % of peak)" if "mfu" in r else ""))
                 save(args.out)
             if rows and rows[0]["concurrency"] == 1:
                 tpot = rows[0]["tpot_ms_mean"] / 1e3
