@@ -5,8 +5,9 @@
 #   OUT=runs/gpu bash bench/gpu_suite.sh          # on a GPU machine, from the repository root
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
 #
-# ENGINE_COMPILE=off|on|both picks the engine variants (default both); ENGINE_S and TRAIN_S are the
-# parts' time limits in seconds.
+# ENGINE_COMPILE=off|on|both picks the engine variants (default both); ENGINE_S, FP8_S and TRAIN_S are
+# the parts' time limits in seconds (FP8_S=0, the default, skips the fp8-KV-cache engine run; with
+# ENGINE_COMPILE=on ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
 set -u
 OUT=${OUT:-runs/gpu-suite}
 mkdir -p "$OUT/engine"
@@ -28,6 +29,11 @@ cat "$OUT/machine.txt"
 # 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
 timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" --baseline \
     --breakdown --out "$OUT/engine" 2>&1 | tee "$OUT/engine.log"
+# 1b. Engine with the fp8 KV cache (half the bytes per token of context), compiled, no baseline.
+if [ "${FP8_S:-0}" -gt 0 ]; then
+    timeout "$FP8_S" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile on --kv-cache-dtype fp8 \
+        --out "$OUT/engine-fp8" 2>&1 | tee "$OUT/engine-fp8.log"
+fi
 # 2. Training step: afm eager, afm compiled (fp32 master weights), afm compiled in pure bf16, transformers.
 timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
     | tee "$OUT/train.log"
