@@ -152,3 +152,25 @@ def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_before
     # Sampled rows do draw different tokens across trials (the draw is not stuck on the argmax).
     assert any(len(s) > 1 for i, s in seen_draws.items() if rows[i].sampling_params.temperature > 0)
+
+
+def test_a_filtering_request_keeps_its_filter_beside_an_unfiltered_one():
+    """A batch mixing a top_k request with one that samples the whole vocabulary: the first keeps its top_k
+    (top_k 1 always gives the most likely token), the second draws beyond any top-k."""
+    from afm.engine.request import Request
+    from afm.engine.sampler import Sampler
+    from afm.engine.sampling_params import SamplingParams
+
+    vocab = 64
+    sampler = Sampler(vocab, 8, torch.device("cpu"))
+    drawn_by_unfiltered = set()
+    for trial in range(40):
+        rows = [Request(f"k{trial}", [1, 2], SamplingParams(temperature=1.0, top_k=1, seed=trial, max_tokens=4)),
+                Request(f"u{trial}", [1, 2], SamplingParams(temperature=1.0, seed=trial, max_tokens=4))]
+        logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(trial))
+        out = sampler.sample(logits.clone(), rows)
+        assert out.token_ids[0] == int(logits[0].argmax())
+        drawn_by_unfiltered.add(out.token_ids[1] == int(logits[1].argmax()))
+        for r in rows:
+            sampler.release(r)
+    assert drawn_by_unfiltered == {True, False}  # the unfiltered row really samples

@@ -112,6 +112,12 @@ def transform_and_sample(
     return torch.where(temperature > 0, sampled, greedy)
 
 
+# Columns of `Sampler.slot_needs`, per row: the candidates it needs (its top_k when it samples, else 0),
+# whether it filters (top-k, top-p or min-p), samples (temperature > 0), has a repetition penalty, a
+# presence or frequency penalty, its logprobs count (-1: none), its min_tokens.
+_NEEDS = ("k", "filters", "samples", "repetition", "presence_frequency", "logprobs", "min_tokens")
+
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
@@ -135,13 +141,14 @@ class Sampler:
         self.output_counts = torch.zeros(max_slots, vocab_size, dtype=torch.int32, device=device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
         # Each slot's sampling parameters, written once when a request takes the slot, so that a step
-        # gathers its rows' parameters with one numpy indexing instead of a loop over requests:
-        # floats as `transform_and_sample`'s row_floats; seed and resolved top_k; min_tokens; logprobs
-        # (-1: not asked for).
+        # gathers its rows' parameters with numpy indexing instead of a loop over requests:
+        # - `slot_floats`: `transform_and_sample`'s row_floats;
+        # - `slot_ints`: its row_ints, with the output step (column 2) filled in per step;
+        # - `slot_needs`: what the row asks of the step, so that one column-wise max over the batch gives
+        #   every per-step decision (see `_NEEDS`).
         self.slot_floats = np.zeros((max_slots, 6), dtype=np.float32)
-        self.slot_seed_top_k = np.zeros((max_slots, 2), dtype=np.int64)
-        self.slot_min_tokens = np.zeros(max_slots, dtype=np.int64)
-        self.slot_logprobs = np.full(max_slots, -1, dtype=np.int64)
+        self.slot_ints = np.zeros((max_slots, 4), dtype=np.int64)
+        self.slot_needs = np.zeros((max_slots, len(_NEEDS)), dtype=np.int64)
         self.compiled = compile
         self.transform_and_sample = transform_and_sample
         if compile:
@@ -159,11 +166,20 @@ class Sampler:
         slot = self.free_slots.pop()
         request.sampler_slot = slot
         p = request.sampling_params
+        top_k = p.top_k if p.top_k > 0 else self.vocab_size
         self.slot_floats[slot] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.temperature,
                                   p.top_p, p.min_p)
-        self.slot_seed_top_k[slot] = (request.sampling_seed, p.top_k if p.top_k > 0 else self.vocab_size)
-        self.slot_min_tokens[slot] = p.min_tokens
-        self.slot_logprobs[slot] = -1 if p.logprobs is None else p.logprobs
+        self.slot_ints[slot] = (slot, request.sampling_seed, 0, top_k)
+        sampling = not p.greedy
+        self.slot_needs[slot] = (
+            top_k if sampling else 0,
+            sampling and (top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0),
+            sampling,
+            p.repetition_penalty != 1.0,
+            bool(p.presence_penalty or p.frequency_penalty),
+            -1 if p.logprobs is None else p.logprobs,
+            p.min_tokens,
+        )
         prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
         self.prompt_mask[slot].zero_()
         self.prompt_mask[slot, prompt] = True
@@ -203,41 +219,39 @@ class Sampler:
                 self._assign_slot(r)
         B = logits.shape[0]
         dev = logits.device
-        slots = np.fromiter((r.sampler_slot for r in requests), dtype=np.int64, count=B)
-        steps = np.fromiter((len(r.output_token_ids) for r in requests), dtype=np.int64, count=B)
+        slots = [r.sampler_slot for r in requests]
+        steps = [len(r.output_token_ids) for r in requests]
+        ints = self.slot_ints[slots]
+        ints[:, 2] = steps
         floats = self.slot_floats[slots]
-        seed_top_k = self.slot_seed_top_k[slots]
-        logprob_k = self.slot_logprobs[slots]
+        needs = self.slot_needs[slots].max(axis=0)
+        k_max_row, filtered, sampling, repetition, presence_frequency, logprobs_k, min_tokens = needs.tolist()
 
-        want_logprobs = logprob_k >= 0
-        raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs.any() else None
+        raw_logprobs = logits.log_softmax(dim=-1) if logprobs_k >= 0 else None
 
         # min_tokens: stop tokens are impossible until the request has generated enough.
-        for i in np.flatnonzero(steps < self.slot_min_tokens[slots]).tolist():
-            p, r = requests[i].sampling_params, requests[i]
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
-            if banned:
-                logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
+        if min_tokens:
+            for i, r in enumerate(requests):
+                p = r.sampling_params
+                if steps[i] < p.min_tokens:
+                    banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+                    if banned:
+                        logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
 
         # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
         logits = logits[:, : self.vocab_size]
-        V = logits.shape[1]
-        ints = np.stack([slots, seed_top_k[:, 0], steps, seed_top_k[:, 1]], axis=1)
-        sampling = floats[:, 3] > 0  # temperature 0 is greedy
-        k_max = 0
-        if sampling.any():
-            k_max = min(int(seed_top_k[sampling, 1].max()), V)
-            filters = k_max < V or bool(((floats[sampling, 4] < 1.0) | (floats[sampling, 5] > 0)).any())
-            k_max = k_max if filters else 0
+        # Candidates for top-k / top-p / min-p: the largest top_k of the sampling rows (V when one of them
+        # keeps the whole vocabulary); none when no sampling row filters.
+        k_max = min(k_max_row, self.vocab_size) if filtered else 0
         ints_t = torch.from_numpy(ints).to(dev, non_blocking=True)
         tokens = self.transform_and_sample(
             logits, self.prompt_mask, self.output_counts,
             torch.from_numpy(floats).to(dev, non_blocking=True), ints_t, k_max,
             # Compiled, the penalties always run (fused, they cost one pass; a penalty of 1 or 0 changes
             # nothing), so that requests with and without them share one compiled function.
-            self.compiled or bool((floats[:, 0] != 1.0).any()),
-            self.compiled or bool(floats[:, 1:3].any()),
-            bool(sampling.any()),
+            self.compiled or bool(repetition),
+            self.compiled or bool(presence_frequency),
+            bool(sampling),
         )
 
         token_list = tokens.tolist()
@@ -246,13 +260,12 @@ class Sampler:
         )
         logprob_out: list[Logprob | None] = [None] * B
         if raw_logprobs is not None:
-            rows = np.flatnonzero(want_logprobs).tolist()
+            rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
             idx = torch.tensor(rows, device=dev)
             chosen = raw_logprobs[idx, tokens[idx]].tolist()
-            k = int(logprob_k[rows].max())
-            top_vals, top_ids = (raw_logprobs[idx].topk(k, dim=-1) if k > 0 else (None, None))
+            top_vals, top_ids = (raw_logprobs[idx].topk(logprobs_k, dim=-1) if logprobs_k > 0 else (None, None))
             for j, i in enumerate(rows):
-                n = int(logprob_k[i])
+                n = requests[i].sampling_params.logprobs or 0
                 top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)) if n else []
                 logprob_out[i] = Logprob(token_list[i], chosen[j], top)
         return SamplerOutput(token_list, logprob_out)

@@ -78,36 +78,41 @@ class BlockTables:
     def build(self, scheduled: Sequence[ScheduledRequest]) -> StepInputs:
         """The inputs of a step that computes `num_tokens` tokens of each scheduled request, in order."""
         S = len(scheduled)
-        rows = np.fromiter((self.row(s.request) for s in scheduled), dtype=np.int64, count=S)
-        starts = np.fromiter((s.request.num_computed_tokens for s in scheduled), dtype=np.int64, count=S)
-        counts = np.fromiter((s.num_tokens for s in scheduled), dtype=np.int64, count=S)
-        qsl = np.zeros(S + 1, dtype=np.int64)
-        np.cumsum(counts, out=qsl[1:])
-        total = int(qsl[-1])
-        max_query_len = int(counts.max())
-        if max_query_len == 1:  # decode: one token per request, the last one it has
+        rows = [self.row(s.request) for s in scheduled]
+        starts_list = [s.request.num_computed_tokens for s in scheduled]
+        counts_list = [s.num_tokens for s in scheduled]
+        total = sum(counts_list)
+        width = max(self.num_blocks[r] for r in rows)
+        tables = self.table[rows, :width]
+        starts = np.array(starts_list, dtype=np.int64)
+        if total == S:  # decode: one token per request, the last one it has
             positions = starts
-            input_ids = np.fromiter((s.request.token_id(s.request.num_computed_tokens) for s in scheduled),
-                                    dtype=np.int64, count=S)
+            input_ids = np.array([s.request.token_id(p) for s, p in zip(scheduled, starts_list, strict=True)],
+                                 dtype=np.int64)
             token_rows = np.arange(S)
+            qsl = np.arange(S + 1, dtype=np.int32)
+            seq_lens = starts + 1
+            max_query_len = 1
         else:
+            counts = np.array(counts_list, dtype=np.int64)
+            offsets = np.zeros(S + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
             token_rows = np.repeat(np.arange(S), counts)
-            positions = np.arange(total, dtype=np.int64) + np.repeat(starts - qsl[:-1], counts)
+            positions = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets[:-1], counts)
             input_ids = np.fromiter(
-                (t for s in scheduled
-                 for t in s.request.token_slice(s.request.num_computed_tokens, s.request.num_computed_tokens + s.num_tokens)),
+                (t for s, p in zip(scheduled, starts_list, strict=True) for t in s.request.token_slice(p, p + s.num_tokens)),
                 dtype=np.int64, count=total,
             )
-        seq_lens = starts + counts
-        width = max(self.num_blocks[r] for r in rows.tolist())
-        tables = self.table[rows, :width]
+            qsl = offsets.astype(np.int32)
+            seq_lens = starts + counts
+            max_query_len = max(counts_list)
         bs = self.block_size
         slots = tables[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slots,
-            query_start_loc=qsl.astype(np.int32),
+            query_start_loc=qsl,
             seq_lens=seq_lens.astype(np.int32),
             block_tables=tables,
             max_query_len=max_query_len,
