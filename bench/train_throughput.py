@@ -84,7 +84,7 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
 
 
 def afm_step_fn(model, batch: torch.Tensor, bf16: bool, clock: Clock):
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=batch.device.type == "cuda")
+    opt = torch.optim.AdamW(param_groups(list(model.parameters()), 0.1), lr=1e-4, fused=batch.device.type == "cuda")
 
     def step() -> None:
         clock.mark(new_step=True)

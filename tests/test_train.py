@@ -130,6 +130,8 @@ def test_overrides_and_bad_recipes(tmp_path):
         validate(load_recipe("micro", ["--phases.0.data", str(tmp_path)]))
     with pytest.raises(ConfigError, match="exactly one of tokens or steps"):
         validate(load_recipe("micro", ["--phases.0.tokens", "100"]), check_data=False)
+    with pytest.raises(ConfigError, match=r"optim.name must be one of \['adamw', 'muon'\], got 'sgd'"):
+        validate(load_recipe("micro", ["--optim.name", "sgd"]), check_data=False)
 
 
 def test_schedules():
@@ -174,13 +176,15 @@ def test_training_learns_logs_plots_and_exports(data, tmp_path):
     assert r.returncode == 0 and (tmp_path / "run" / "loss.png").stat().st_size > 10_000
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path):
-    args = micro_args(data, tmp_path / "ref", steps=16)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path, optimizer):
+    extra = ["--optim.name", optimizer]
+    args = micro_args(data, tmp_path / "ref", steps=16, extra=extra)
     run_train(args)
     reference = [r["loss"] for r in losses(tmp_path / "ref")]
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([python(), "-m", "afm", "train", "micro", *micro_args(data, out, steps=16)],
+    proc = subprocess.Popen([python(), "-m", "afm", "train", "micro", *micro_args(data, out, steps=16, extra=extra)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it after its second checkpoint (step 8), mid-phase
@@ -190,7 +194,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints").exists() and not (out / "summary.json").exists()
-    run_train(micro_args(data, out, steps=16))
+    run_train(micro_args(data, out, steps=16, extra=extra))
     resumed = [r["loss"] for r in losses(out)]
     assert resumed == reference  # bitwise: same floats, same order
     assert [r["step"] for r in losses(out)] == list(range(1, len(reference) + 1))
@@ -227,4 +231,31 @@ def test_two_gloo_ranks_match_one_process_and_resume_on_another_world_size(data,
     cont = losses(mixed)
     assert [r["step"] for r in cont] == [r["step"] for r in one]
     for a, b in zip(one, cont, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+
+
+def test_muon_optimizes_the_layer_matrices_and_adamw_the_rest(data, tmp_path):
+    """Muon takes the layers' projection matrices, AdamW the embeddings, head and norms; every parameter
+    is in exactly one of them; a Muon run learns, and 2 gloo ranks (FSDP-sharded matrices) match one."""
+    from afm.model import build_model, get_preset
+    from afm.train.config import OptimSpec
+    from afm.train.loop import build_optimizers
+
+    model = build_model(get_preset("afm-micro"))
+    muon, adamw = build_optimizers(model, OptimSpec(name="muon"), torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon | in_adamw == set(names.values()) and not in_muon & in_adamw
+    assert all(".layers." in n and n.endswith("proj.weight") for n in in_muon)
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= in_adamw
+
+    extra = ["--optim.name", "muon"]
+    run_train(micro_args(data, tmp_path / "one", steps=24, extra=extra))
+    one = losses(tmp_path / "one")
+    assert one[23]["loss"] < one[0]["loss"] - 0.5  # it learns
+    run_train(micro_args(data, tmp_path / "two", steps=24, extra=extra), torchrun=2)
+    two = losses(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)

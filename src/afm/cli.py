@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from afm.errors import AFMError
+from afm.rl.env import HELD_OUT_SEED
 
 
 def _device_default() -> str:
@@ -713,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unigram-max-tokens", type=float, default=2e7, help="tokens to count for it (default 2e7)")
     p.add_argument("--ppl-stride", type=int, help="strided ppl windows advancing this many tokens "
                    "(default: non-overlapping windows)")
-    p.add_argument("--seed", type=int, default=1_000_003, help="reasoning-gym problem seed (default: GRPO's held-out)")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                   help=f"reasoning-gym problem seed (default: GRPO's held-out, {HELD_OUT_SEED})")
     p.add_argument("--chat", choices=["auto", "yes", "no"], default="auto",
                    help="chat template for prompt-style questions, reasoning-gym and HumanEval (default auto)")
     p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per HumanEval program (default 10)")

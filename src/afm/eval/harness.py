@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from afm.errors import AFMError
+from afm.rl.env import HELD_OUT_SEED
 
 TASK_FORMS = ("mc:FILE", "gen:FILE", "FILE.jsonl", "FILE.yaml", "ppl:DIR_OR_FILE", "chat:FILE",
               "reasoning-gym:NAME", "humaneval:FILE")
@@ -79,7 +80,7 @@ def evaluate(llm_or_path: Any, tasks: str | Sequence[str], *, limit: int | None 
              max_model_len: int | None = None, kv_cache_gib: float | None = None, batch: int | None = None,
              device: str | None = None, dtype: str | None = None, max_new_tokens: int = 256,
              unigram_from: str | Path | None = None, unigram_max_tokens: int = 20_000_000,
-             ppl_stride: int | None = None, seed: int = 1_000_003, chat: bool | None = None,
+             ppl_stride: int | None = None, seed: int = HELD_OUT_SEED, chat: bool | None = None,
              humaneval_timeout_s: float = 10.0, samples: int = 3, progress: bool = True) -> dict[str, Any]:
     """Evaluate one model on `tasks` (specs as in this module's docstring, a list or a comma-separated string).
 

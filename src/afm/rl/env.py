@@ -20,6 +20,10 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
+# The seed of held-out problems: GRPO never trains on problems generated with it, and evaluations of
+# environments (`afm eval`'s reasoning-gym tasks, GRPO's held-out reward) draw their problems from it.
+HELD_OUT_SEED = 1_000_003
+
 
 @dataclass
 class Sample:

@@ -35,7 +35,7 @@ from afm.eval.stats import paired_difference
 from afm.io import atomic_write_text
 from afm.model.config import ModelConfig
 from afm.model.hf import load_pretrained, save_pretrained
-from afm.rl.env import Environment, Sample
+from afm.rl.env import HELD_OUT_SEED, Environment, Sample
 from afm.rl.envs import make_env
 from afm.tokenizer import Tokenizer
 from afm.train.config import _build, read_recipe
@@ -54,7 +54,7 @@ class GRPOConfig:
     env_args: dict[str, Any] = field(default_factory=dict)
     train_seed: int = 1
     train_samples: int = 2000
-    eval_seed: int = 1_000_003  # a seed never used for training problems
+    eval_seed: int = HELD_OUT_SEED  # a seed never used for training problems
     eval_samples: int = 200
     steps: int = 50
     prompts_per_step: int = 8

@@ -15,7 +15,7 @@ import json
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-         info: DistInfo, keep_last: int) -> Path:
+def save(run_dir: Path, step: int, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+         trainer_state: dict[str, Any], info: DistInfo, keep_last: int) -> Path:
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:08d}"
     partial = root / f"step-{step:08d}.partial"
@@ -74,7 +74,7 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier(info)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     with _single_process_quiet(info):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
     atomic_write(partial / f"rng-{info.rank}.pt", lambda tmp: torch.save(rng_state(), tmp))
@@ -98,13 +98,13 @@ def latest(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG; return the trainer state."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def load(path: Path, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], info: DistInfo) -> dict[str, Any]:
+    """Restore model, optimizers and this rank's RNG; return the trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet(info):
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer = json.loads((path / TRAINER_STATE).read_text())
     rng_file = path / f"rng-{info.rank}.pt"
     if rng_file.exists() and trainer.get("world_size") == info.world_size:

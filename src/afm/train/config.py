@@ -32,14 +32,23 @@ class ModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass
 class OptimSpec:
+    """`name` "adamw": AdamW on every parameter. "muon": Muon (momentum orthogonalized by Newton-Schulz,
+    `torch.optim.Muon`, its learning rate scaled to match AdamW's update size) on the transformer
+    layers' weight matrices, AdamW on the embeddings, the LM head and the norms; both follow `lr`."""
+
+    name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -232,6 +241,12 @@ def validate(config: TrainConfig, world_size: int = 1, check_data: bool = True) 
         raise ConfigError("the recipe has no phases")
     if config.lora is not None:
         config.lora.validate()
+    if config.optim.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name must be one of {list(OPTIMIZERS)}, got {config.optim.name!r}")
+    if config.optim.name == "muon" and config.lora is not None:
+        raise ConfigError("optim.name muon orthogonalizes whole weight matrices; LoRA adapters train with adamw")
+    if not 0 <= config.optim.muon_momentum < 1:
+        raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {config.optim.muon_momentum}")
     if config.precision not in ("auto", "bf16-native", "bf16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16-native, bf16 or fp32, got {config.precision!r}")
     if config.model.preset is None and config.model.init_from is None:

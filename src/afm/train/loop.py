@@ -2,7 +2,8 @@
 
 Per optimizer step: the global batch is split over ranks and micro-batches (gradient accumulation),
 the loss is token-level cross-entropy over every target that is not ignored (-100), gradients are
-clipped by their global norm, AdamW steps with the phase's scheduled learning rate. Every step logs
+clipped by their global norm, the optimizer (AdamW, or Muon on the layers' matrices with AdamW on the
+rest) steps with the phase's scheduled learning rate. Every step logs
 loss, gradient norm, learning rate, tokens/s, MFU and memory to `metrics.jsonl` (and TensorBoard on
 request) and a progress line; every `eval_every` steps the held-out loss; every `checkpoint_every`
 steps and at the end of each phase a checkpoint that resumes exactly; at the end of each phase an
@@ -34,7 +35,7 @@ from afm.model.config import ModelConfig, YarnScaling, get_preset
 from afm.model.hf import load_pretrained, save_pretrained
 from afm.model.transformer import AFMForCausalLM, build_model
 from afm.train import checkpoint
-from afm.train.config import PhaseSpec, TrainConfig, phase_steps, to_dict, validate
+from afm.train.config import OptimSpec, PhaseSpec, TrainConfig, phase_steps, to_dict, validate
 from afm.train.flops import peak_flops, training_flops_per_token
 from afm.train.lora import LoRASpec, apply_lora, merge_into, save_peft_adapter
 from afm.train.sft import SFTLoader
@@ -97,13 +98,37 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return False
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (projections, embeddings, head); none on norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def is_muon_matrix(name: str, param: nn.Parameter) -> bool:
+    """The weight matrices of the transformer layers (attention and MLP projections). The embeddings and
+    the LM head stay with AdamW, as Muon's authors advise: they are lookup tables and a classifier, not
+    hidden linear maps."""
+    return param.ndim == 2 and ".layers." in f".{name}"
+
+
+def build_optimizers(model: nn.Module, opt: OptimSpec, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The run's optimizers: [AdamW] for `adamw`; [Muon, AdamW] for `muon` (Muon on the layers' matrices,
+    AdamW on the rest). Every optimizer follows the scheduled learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    if opt.name == "adamw":
+        return [torch.optim.AdamW(param_groups([p for _, p in named], opt.weight_decay), lr=opt.lr, betas=opt.betas,
+                                  eps=opt.eps, fused=fused)]
+    matrices = [p for n, p in named if is_muon_matrix(n, p)]
+    rest = [p for n, p in named if not is_muon_matrix(n, p)]
+    # match_rms_adamw scales each matrix's step to the RMS of an AdamW update, so AdamW's learning rate
+    # and weight decay carry over (Moonshot AI, "Muon is Scalable for LLM Training").
+    muon = torch.optim.Muon(matrices, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.muon_momentum,
+                            nesterov=True, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(param_groups(rest, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                              fused=fused)
+    return [muon, adamw]
 
 
 def token_loss(model: nn.Module, batch: Batch, device: torch.device, autocast: bool, document_mask: bool = True
@@ -255,10 +280,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
                           activation_checkpointing=config.activation_checkpointing, compile=config.compile)
     autocast = bf16 and not info.distributed  # FSDP's mixed precision casts by itself
     opt = config.optim
-    optimizer = torch.optim.AdamW(param_groups(wrapped, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                  fused=info.device.type == "cuda")
+    optimizers = build_optimizers(wrapped, opt, info.device)
     if resume_from is not None:
-        state = TrainerState(**{k: v for k, v in checkpoint.load(resume_from, wrapped, optimizer, info).items()
+        state = TrainerState(**{k: v for k, v in checkpoint.load(resume_from, wrapped, optimizers, info).items()
                                 if k in TrainerState.__dataclass_fields__})
         if info.is_main:
             print(f"resumed from {resume_from} (phase {state.phase}, step {state.global_step})", file=sys.stderr)
@@ -302,7 +326,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         t_last = time.perf_counter()
         for step in range(state.step_in_phase, total):
             lr = lr_at(step, total, peak_lr, opt.min_lr_ratio, phase.schedule, phase.warmup, phase.decay)
-            for group in optimizer.param_groups:
+            for group in (g for o in optimizers for g in o.param_groups):
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=info.device)
             count = torch.zeros((), device=info.device)
@@ -320,8 +344,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 loss_sum += loss.detach()
                 count += n
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), opt.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.step()
+                o.zero_grad(set_to_none=True)
             state.step_in_phase = step + 1
             state.global_step += 1
             state.tokens += int(global_tokens)
@@ -354,7 +379,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if last_step or (config.checkpoint_every and state.global_step % config.checkpoint_every == 0):
                 state.loader = loader.state_dict()
                 saved = TrainerState(phase_index + 1, 0, state.global_step, state.tokens, None) if last_step else state
-                checkpoint.save(run_dir, state.global_step, wrapped, optimizer, dict(saved.__dict__), info,
+                checkpoint.save(run_dir, state.global_step, wrapped, optimizers, dict(saved.__dict__), info,
                                 config.keep_last)
         state.phase, state.step_in_phase, state.loader = phase_index + 1, 0, None
     summary = {"run_dir": str(run_dir), "steps": state.global_step, "tokens": state.tokens,
