@@ -377,3 +377,27 @@ def test_automatic_compilation_that_fails_falls_back_to_eager(model, tokenizer, 
     out = llm.generate([[3, 4, 5]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == naive(model, [3, 4, 5], 6)
     assert all(layer.mlp._compiled_call_impl is None for layer in model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: pinned staging only matters there")
+def test_host_to_device_copies_do_not_wait_for_queued_gpu_work():
+    """The engine's small uploads after a forward has been launched must not block the host until the
+    forward finishes (a pageable copy would)."""
+    import time
+
+    import numpy as np
+
+    from afm.engine.transfer import copy_to_device, to_device
+
+    dev = torch.device("cuda")
+    buffer = torch.zeros(8, dtype=torch.long, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of queued GPU work
+    t0 = time.perf_counter()
+    x = to_device(np.arange(8), dev)
+    copy_to_device(buffer, np.arange(8, 16))
+    y = to_device([3, 1, 2], dev, torch.long)
+    waited = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert waited < 0.1, f"the host waited {waited:.3f} s for queued GPU work"
+    assert x.tolist() == list(range(8)) and buffer.tolist() == list(range(8, 16)) and y.tolist() == [3, 1, 2]

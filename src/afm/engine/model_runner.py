@@ -33,6 +33,7 @@ from afm.engine.request import Logprob, Request
 from afm.engine.sampler import Sampler
 from afm.engine.scheduler import SchedulerOutput
 from afm.engine.step_inputs import BlockTables, StepInputs
+from afm.engine.transfer import copy_to_device, to_device
 from afm.errors import ConfigError
 from afm.model.transformer import AFMForCausalLM
 
@@ -255,10 +256,10 @@ class ModelRunner:
     def _metadata(self, inputs: StepInputs) -> AttentionMetadata:
         dev = self.device
         return AttentionMetadata(
-            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(inputs.query_start_loc).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(inputs.seq_lens).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(inputs.block_tables).to(dev, non_blocking=True),
+            slot_mapping=to_device(inputs.slot_mapping, dev),
+            query_start_loc=to_device(inputs.query_start_loc, dev),
+            seq_lens=to_device(inputs.seq_lens, dev),
+            block_tables=to_device(inputs.block_tables, dev),
             max_query_len=inputs.max_query_len,
             max_seq_len=inputs.max_seq_len,
         )
@@ -282,8 +283,8 @@ class ModelRunner:
         else:
             md = self._metadata(inputs)
             dev = self.device
-            ids_t = torch.from_numpy(inputs.input_ids).to(dev, non_blocking=True)[None]
-            pos_t = torch.from_numpy(inputs.positions).to(dev, non_blocking=True)[None]
+            ids_t = to_device(inputs.input_ids, dev)[None]
+            pos_t = to_device(inputs.positions, dev)[None]
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
             if decode_only and self.compile:
                 # Fixed launch bounds, so that the compiled graph does not specialise on this step's lengths.
@@ -304,7 +305,7 @@ class ModelRunner:
                 self._prompt_logprobs(lambda rows: self.model.lm_head(hidden[rows]), prompt_rows)
             if not sample_rows:
                 return []
-            logits = self.model.lm_head(hidden[torch.tensor(sample_rows, device=self.device)])
+            logits = self.model.lm_head(hidden[to_device(sample_rows, self.device)])
         result = self.sampler.sample(logits.float(), sampling)
         return [StepResult(r, t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)]
 
@@ -319,8 +320,8 @@ class ModelRunner:
         top_vals: list[list[float]] = []
         dev = self.device
         for a in range(0, len(rows), PROMPT_LOGPROB_ROWS):
-            idx = torch.tensor(rows[a : a + PROMPT_LOGPROB_ROWS], device=dev)
-            tgt = torch.tensor(targets[a : a + PROMPT_LOGPROB_ROWS], device=dev)
+            idx = to_device(rows[a : a + PROMPT_LOGPROB_ROWS], dev)
+            tgt = to_device(targets[a : a + PROMPT_LOGPROB_ROWS], dev)
             lp = logits_of(idx).float().log_softmax(dim=-1)
             chosen += lp.gather(1, tgt[:, None])[:, 0].tolist()
             if k:
@@ -409,16 +410,16 @@ class ModelRunner:
         n = inputs.num_requests
         width = inputs.block_tables.shape[1]
 
-        def padded(values: np.ndarray, fill: int) -> Tensor:
+        def padded(values: np.ndarray, fill: int) -> np.ndarray:
             out = np.full(graph_bs, fill, dtype=values.dtype)
             out[:n] = values
-            return torch.from_numpy(out)
+            return out
 
-        self.g_input_ids[:graph_bs].copy_(padded(inputs.input_ids, 0), non_blocking=True)
-        self.g_positions[:graph_bs].copy_(padded(inputs.positions, 0), non_blocking=True)
-        self.g_slot_mapping[:graph_bs].copy_(padded(inputs.slot_mapping, NULL_BLOCK * self.block_size), non_blocking=True)
-        self.g_seq_lens[:graph_bs].copy_(padded(inputs.seq_lens, 1), non_blocking=True)
-        self.g_block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        copy_to_device(self.g_input_ids[:graph_bs], padded(inputs.input_ids, 0))
+        copy_to_device(self.g_positions[:graph_bs], padded(inputs.positions, 0))
+        copy_to_device(self.g_slot_mapping[:graph_bs], padded(inputs.slot_mapping, NULL_BLOCK * self.block_size))
+        copy_to_device(self.g_seq_lens[:graph_bs], padded(inputs.seq_lens, 1))
+        copy_to_device(self.g_block_tables[:n, :width], inputs.block_tables)
         self.g_block_tables[n:graph_bs, :width].fill_(NULL_BLOCK)
         self.g_block_tables[:graph_bs, width:].fill_(NULL_BLOCK)
         self.graphs[graph_bs].replay()

@@ -33,6 +33,7 @@ from afm.engine.sampling import (
     apply_repetition_penalty,
     apply_temperature,
 )
+from afm.engine.transfer import to_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -180,12 +181,12 @@ class Sampler:
             -1 if p.logprobs is None else p.logprobs,
             p.min_tokens,
         )
-        prompt = torch.tensor(request.prompt_token_ids, dtype=torch.long, device=self.device)
+        prompt = to_device(request.prompt_token_ids, self.device, torch.long)
         self.prompt_mask[slot].zero_()
         self.prompt_mask[slot, prompt] = True
         self.output_counts[slot].zero_()
         if request.output_token_ids:
-            out = torch.tensor(request.output_token_ids, dtype=torch.long, device=self.device)
+            out = to_device(request.output_token_ids, self.device, torch.long)
             self.output_counts[slot].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
 
     def release(self, request: Request) -> None:
@@ -236,17 +237,17 @@ class Sampler:
                 if steps[i] < p.min_tokens:
                     banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
                     if banned:
-                        logits[i, torch.tensor(sorted(banned), device=dev)] = NEG_INF
+                        logits[i, to_device(sorted(banned), dev, torch.long)] = NEG_INF
 
         # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
         logits = logits[:, : self.vocab_size]
         # Candidates for top-k / top-p / min-p: the largest top_k of the sampling rows (V when one of them
         # keeps the whole vocabulary); none when no sampling row filters.
         k_max = min(k_max_row, self.vocab_size) if filtered else 0
-        ints_t = torch.from_numpy(ints).to(dev, non_blocking=True)
+        ints_t = to_device(ints, dev)
         tokens = self.transform_and_sample(
             logits, self.prompt_mask, self.output_counts,
-            torch.from_numpy(floats).to(dev, non_blocking=True), ints_t, k_max,
+            to_device(floats, dev), ints_t, k_max,
             # Compiled, the penalties always run (fused, they cost one pass; a penalty of 1 or 0 changes
             # nothing), so that requests with and without them share one compiled function.
             self.compiled or bool(repetition),
@@ -261,7 +262,7 @@ class Sampler:
         logprob_out: list[Logprob | None] = [None] * B
         if raw_logprobs is not None:
             rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
-            idx = torch.tensor(rows, device=dev)
+            idx = to_device(rows, dev, torch.long)
             chosen = raw_logprobs[idx, tokens[idx]].tolist()
             top_vals, top_ids = (raw_logprobs[idx].topk(logprobs_k, dim=-1) if logprobs_k > 0 else (None, None))
             for j, i in enumerate(rows):
