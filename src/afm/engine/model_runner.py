@@ -98,7 +98,7 @@ def logit_rows(out: SchedulerOutput) -> tuple[list[Request], list[int], list[Pro
             if hi > lo:
                 prompt_rows.append(PromptLogprobRows(r, row + lo - start, r.prompt_token_ids[lo + 1 : hi + 1]))
         row += n
-        if start + n == len(r.prompt_token_ids) + len(r.output_token_ids) and r.sampling_params.max_tokens != 0:
+        if s.samples and r.sampling_params.max_tokens != 0:
             sampling.append(r)
             sample_rows.append(row - 1)
     return sampling, sample_rows, prompt_rows

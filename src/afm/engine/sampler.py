@@ -11,11 +11,10 @@ long-lived requests needs:
 - top-k, top-p and min-p over the top-k candidates only (AFM samples with top_k 50), and a full-vocabulary
   path when no request filters;
 - each slot's parameters are kept on the host when a request takes the slot, so a step gathers its rows'
-  parameters with numpy indexing (no per-request loop); they travel to the device as two small
-  tensors, and the tensor work is one pure
-  function, `transform_and_sample`, which the engine can hand to torch.compile: a decode step's sampling
-  is then a handful of fused kernels instead of about seventy small ones, whose launch cost dominates
-  small batches on GPUs.
+  parameters with numpy indexing (no per-request loop); they travel to the device as two small tensors;
+- the tensor work is one pure function, `transform_and_sample`, which the engine can hand to
+  torch.compile: a decode step's sampling is then a handful of fused kernels instead of about seventy
+  small ones, whose launch cost dominates small batches on GPUs.
 """
 
 from __future__ import annotations
