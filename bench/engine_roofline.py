@@ -186,11 +186,12 @@ def fit(cost: StepCost, card: Card, measured: list[dict], input_len: int, output
 
 
 def table(rows: list[dict], title: str) -> None:
-    print(f"\n{title}")
-    print(f"{'conc':>5} {'tok/s/req':>10} {'tok/s total':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'wall s':>7}")
+    """Serving figures per concurrency, as `engine_throughput.py` and this script report them."""
+    print(f"\n{title}", flush=True)
+    print(f"{'conc':>5} {'tok/s/req':>10} {'tok/s total':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'wall s':>7}", flush=True)
     for r in rows:
-        print(f"{r['concurrency']:>5} {r['output_tok_s_per_request_mean']:>10.1f} {r['output_tok_s_total']:>12.0f} "
-              f"{r['ttft_ms_mean']:>9.0f} {r['tpot_ms_mean']:>9.2f} {r['wall_s']:>7.2f}")
+        print(f"{r['concurrency']:>5} {r['output_tok_s_per_request_mean']:>10.1f} {r['output_tok_s_total']:>12.1f} "
+              f"{r['ttft_ms_mean']:>9.1f} {r['tpot_ms_mean']:>9.2f} {r['wall_s']:>7.2f}", flush=True)
 
 
 def main() -> None:

@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine_roofline import StepCost, table  # noqa: E402
 
 from afm.engine import LLM, SamplingParams  # noqa: E402
 from afm.model import build_model, get_preset  # noqa: E402
@@ -238,17 +241,13 @@ def prefill_breakdown(llm: LLM, input_len: int, vocab: int, repeats: int, profil
     """Steps that are all prefill: as many fresh prompts as fill one step's token budget, computed in one
     step (no decodes, no prefix-cache hits). Reports the step's time and the FLOP rate it reaches,
     with FLOPs counted as `bench/engine_roofline.py` counts them."""
-    from afm.train.flops import matmul_params, peak_flops
+    from afm.train.flops import peak_flops
 
     engine = llm.engine
-    cfg = engine.model.config
     budget = engine.scheduler_config.max_num_batched_tokens
     n = max(1, budget // input_len)
     tokens = n * input_len
-    head = cfg.vocab_size * cfg.hidden_size
-    keys = n * input_len * (input_len + 1) // 2
-    flops = (2 * tokens * (matmul_params(cfg) - head) + 2 * n * head
-             + 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers * keys)
+    flops = sum(f for f, _ in StepCost(engine.model.config).phases([(0, input_len)] * n, sampling_rows=n))
     params = SamplingParams(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1, max_tokens=1,
                             ignore_eos=True, detokenize=False)
     cuda = engine.runner.device.type == "cuda"
@@ -297,14 +296,6 @@ def kernel_bench(device: torch.device) -> None:
         rows.append(r)
         log(f"  paged-attention decode kernel: batch {batch:3d} ctx {seq_len}: {r}")
     RESULTS["attention_kernel"] = rows
-
-
-def table(title: str, rows: list[dict]) -> None:
-    log(f"\n{title}")
-    log(f"{'conc':>5} {'tok/s/req':>10} {'tok/s total':>12} {'TTFT ms':>9} {'TPOT ms':>9} {'wall s':>7}")
-    for r in rows:
-        log(f"{r['concurrency']:>5} {r['output_tok_s_per_request_mean']:>10.1f} {r['output_tok_s_total']:>12.1f} "
-            f"{r['ttft_ms_mean']:>9.1f} {r['tpot_ms_mean']:>9.2f} {r['wall_s']:>7.1f}")
 
 
 def main() -> None:
@@ -386,7 +377,7 @@ def main() -> None:
                 log(f"  transformers concurrency {c}: {json.dumps({k: round(v, 2) for k, v in r.items()})}")
                 RESULTS["transformers"] = {"version": transformers.__version__, "runs": rows}
                 save(args.out)
-            table(f"transformers {transformers.__version__} generate (bf16, SDPA)", rows)
+            table(rows, f"transformers {transformers.__version__} generate (bf16, SDPA)")
             del hf
         except Exception:
             traceback.print_exc()
@@ -422,7 +413,7 @@ def main() -> None:
                 log(f"  {name} concurrency {c}: {json.dumps({k: round(v, 2) for k, v in r.items()})}")
                 RESULTS[name] = {"engine": info, "runs": rows}
                 save(args.out)
-            table(name, rows)
+            table(rows, name)
             if args.breakdown:
                 info["step_breakdown"] = []
                 for c in sorted({1, max(args.concurrency)}):

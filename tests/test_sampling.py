@@ -137,7 +137,7 @@ def test_batched_sampler_draws_only_what_the_transforms_allow(compile):
         x[:, vocab:] = 100.0  # padded ids must never win
         for r in rows:
             r.sampler_slot = None
-            sampler.free_slots = list(range(39, -1, -1))
+        sampler.free_slots = list(range(39, -1, -1))
         with torch.inference_mode():  # as the engine samples
             out = sampler.sample(x.clone(), rows)
         if compile:  # the compiled function draws exactly what the eager one draws

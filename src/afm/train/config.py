@@ -38,8 +38,8 @@ OPTIMIZERS = ("adamw", "muon")
 @dataclass
 class OptimSpec:
     """`name` "adamw": AdamW on every parameter. "muon": Muon (momentum orthogonalized by Newton-Schulz,
-    `torch.optim.Muon`, its learning rate scaled to match AdamW's update size) on the transformer
-    layers' weight matrices, AdamW on the embeddings, the LM head and the norms; both follow `lr`."""
+    `torch.optim.Muon`, its step scaled to an AdamW update's RMS) on the transformer layers' weight
+    matrices, AdamW on the embeddings, the LM head and the norms; both follow `lr`."""
 
     name: str = "adamw"
     lr: float = 3e-3

@@ -120,10 +120,13 @@ def build_optimizers(model: nn.Module, opt: OptimSpec, device: torch.device) -> 
     if opt.name == "adamw":
         return [torch.optim.AdamW(param_groups([p for _, p in named], opt.weight_decay), lr=opt.lr, betas=opt.betas,
                                   eps=opt.eps, fused=fused)]
-    matrices = [p for n, p in named if is_muon_matrix(n, p)]
-    rest = [p for n, p in named if not is_muon_matrix(n, p)]
-    # match_rms_adamw scales each matrix's step to the RMS of an AdamW update, so AdamW's learning rate
-    # and weight decay carry over (Moonshot AI, "Muon is Scalable for LLM Training").
+    matrices: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for n, p in named:
+        (matrices if is_muon_matrix(n, p) else rest).append(p)
+    # match_rms_adamw scales each matrix's step to the RMS of an AdamW update, meant to let AdamW's learning
+    # rate carry over (Moonshot AI, "Muon is Scalable for LLM Training"); on afm-nano Muon's best rate
+    # still measured 4x AdamW's (docs/benchmarks.md).
     muon = torch.optim.Muon(matrices, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.muon_momentum,
                             nesterov=True, adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW(param_groups(rest, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps,
