@@ -34,7 +34,8 @@ if [ "${FP8_S:-0}" -gt 0 ]; then
     timeout "$FP8_S" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile on --kv-cache-dtype fp8 \
         --out "$OUT/engine-fp8" 2>&1 | tee "$OUT/engine-fp8.log"
 fi
-# 2. Training step: afm eager, afm compiled (fp32 master weights), afm compiled in pure bf16, transformers.
+# 2. Training step: afm compiled with autocast, with bf16 compute copies and MasterAdamW (`afm train`'s setting),
+#    in pure bf16; transformers.
 timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
     | tee "$OUT/train.log"
 echo "done"

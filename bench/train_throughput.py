@@ -4,11 +4,17 @@ Builds an afm model with AFM-4.5B's block shape (hidden 2560, 20/4 heads, head_d
 18432, vocab 128004) and as many layers as `--layers` (on one GPU, as many of the 36 as fit), then
 times full training steps (forward, backward, fused AdamW) at batch x seq tokens per step:
 
-- afm eager and afm with torch.compile (per decoder layer), bf16 autocast over fp32 master weights
-  (what `afm train` does on one GPU);
-- afm compiled with bf16 parameters and optimizer state (no fp32 master weights): the baseline's
+- `afm-compile-master`, what `afm train` does on one GPU: torch.compile per decoder layer, forward and
+  backward on bf16 copies of fp32 master weights, `MasterAdamW` updating masters and copies in one
+  fused pass (afm.train.mixed_precision); `afm-master` the same without compile;
+- `afm` and `afm-compile`: bf16 autocast over fp32 parameters and PyTorch's fused AdamW (`afm train`'s
+  earlier setting; what it still does with Muon);
+- `afm-compile-bf16`: bf16 parameters and optimizer state (no fp32 master weights): the baseline's
   numerics, to separate the model's speed from the cost of keeping fp32 master weights;
-- the plain transformers step: `ArceeForCausalLM` in bf16 with SDPA and fused AdamW, the baseline.
+- `transformers`: `ArceeForCausalLM` in bf16 with SDPA and fused AdamW, the baseline.
+
+No variant clips gradients (the baseline does not); `afm train` does, at the cost of one read of the
+gradients for their norm.
 
 Reports tokens/s, achieved TFLOP/s and MFU (FLOPs per token from `afm.train.flops`, the device's
 datasheet bf16 peak) for each, the share of the step spent in the optimizer, and the ratio to
@@ -18,11 +24,15 @@ transformers.
     python bench/train_throughput.py --layers 12 --seq 4096 --batch 1 --steps 20
     # CPU smoke test (tiny shape):
     python bench/train_throughput.py --preset afm-micro --seq 64 --batch 2 --steps 3 --device cpu
+    # CPU with native bf16 (AVX512-BF16 / AMX), afm-nano, autocast against master weights:
+    python bench/train_throughput.py --preset afm-nano --seq 512 --batch 16 --device cpu --bf16 \
+        --variants afm,afm-master,afm,afm-master --steps 6 --warmup 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,8 +46,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.model import build_model, get_preset  # noqa: E402
+from afm.train.config import OptimSpec  # noqa: E402
 from afm.train.flops import peak_flops, training_flops_per_token  # noqa: E402
-from afm.train.loop import param_groups  # noqa: E402
+from afm.train.loop import build_optimizers  # noqa: E402
+from afm.train.mixed_precision import ComputeWeights  # noqa: E402
 
 
 class Clock:
@@ -83,15 +95,19 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
     return (time.perf_counter() - t0) / steps
 
 
-def afm_step_fn(model, batch: torch.Tensor, bf16: bool, clock: Clock):
-    opt = torch.optim.AdamW(param_groups(list(model.parameters()), 0.1), lr=1e-4, fused=batch.device.type == "cuda")
+def afm_step_fn(model, batch: torch.Tensor, autocast: bool, master: bool, clock: Clock):
+    """A training step as `afm train` builds it: its optimizer (AdamW, weight decay 0.1 on matrices; fused
+    on GPUs), and with `master` its bf16 compute weights and MasterAdamW."""
+    weights = ComputeWeights(model) if master else None
+    (opt,) = build_optimizers(model, OptimSpec(lr=1e-4, weight_decay=0.1), batch.device, weights)
+    active = weights.active if weights is not None else contextlib.nullcontext
 
     def step() -> None:
         clock.mark(new_step=True)
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with active(), torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss.backward()
         clock.mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -132,7 +148,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default="afm,afm-compile,afm-compile-bf16,transformers")
+    ap.add_argument("--variants", default="afm-compile,afm-compile-master,afm-compile-bf16,transformers",
+                    help="comma-separated, from afm, afm-master, afm-compile, afm-compile-master, afm-compile-bf16, "
+                         "transformers; a name given twice runs twice (a second sample of the same variant)")
+    ap.add_argument("--bf16", action="store_true", help="compute in bf16 on a CPU too (for CPUs that multiply bf16 "
+                    "natively; on GPUs always)")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT") else None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -140,7 +160,7 @@ def main() -> None:
     if args.layers:
         config = config.replace(num_hidden_layers=args.layers)
     config = config.replace(max_position_embeddings=max(config.max_position_embeddings, args.seq), rope_scaling=None)
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" or args.bf16
     tokens = args.batch * args.seq
     flops_token = training_flops_per_token(config, args.seq)
     peak = peak_flops(device)
@@ -149,26 +169,29 @@ def main() -> None:
                "params": config.num_parameters(), "flops_per_token": flops_token, "runs": {}}
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}), flush=True)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
-    for variant in args.variants.split(","):
+    for run, variant in enumerate(args.variants.split(",")):
         try:
             clock = Clock(device)
             if variant == "transformers":
                 step, model = hf_step_fn(config, batch, device, clock)
             else:
+                if variant not in ("afm", "afm-master", "afm-compile", "afm-compile-master", "afm-compile-bf16"):
+                    raise ValueError(f"unknown variant {variant!r}")
                 pure_bf16 = variant.endswith("-bf16")
+                master = variant.endswith("-master") and bf16
                 dtype = torch.bfloat16 if pure_bf16 else torch.float32
                 model = build_model(config.replace(dtype="float32"), device, dtype, seed=0).train()
                 if "compile" in variant:
                     for layer in model.model.layers:
                         layer.compile()
-                step = afm_step_fn(model, batch, bf16 and not pure_bf16, clock)
+                step = afm_step_fn(model, batch, bf16 and not pure_bf16 and not master, master, clock)
             seconds = timed_steps(step, args.steps, args.warmup, device, clock)
             tok_s = tokens / seconds
             tflops = tok_s * flops_token / 1e12
             row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
                    "optimizer_share": clock.optimizer_share(),
                    "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-            results["runs"][variant] = row
+            results["runs"][variant if variant not in results["runs"] else f"{variant}#{run}"] = row
             print(f"{variant:16} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
                   + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else "")
                   + f"  optimizer {row['optimizer_share'] * 100:4.1f}% of the step", flush=True)

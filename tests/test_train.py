@@ -176,9 +176,10 @@ def test_training_learns_logs_plots_and_exports(data, tmp_path):
     assert r.returncode == 0 and (tmp_path / "run" / "loss.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path, optimizer):
-    extra = ["--optim.name", optimizer]
+@pytest.mark.parametrize("optimizer,precision", [("adamw", "fp32"), ("muon", "fp32"), ("adamw", "bf16")],
+                         ids=["adamw", "muon", "adamw-bf16-master-weights"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path, optimizer, precision):
+    extra = ["--optim.name", optimizer, "--precision", precision]
     args = micro_args(data, tmp_path / "ref", steps=16, extra=extra)
     run_train(args)
     reference = [r["loss"] for r in losses(tmp_path / "ref")]
@@ -200,6 +201,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(data, tmp_path
     assert [r["step"] for r in losses(out)] == list(range(1, len(reference) + 1))
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(left) == 2 and not any(n.endswith(".partial") for n in left)  # keep_last
+
+
+def test_bf16_master_weights_under_compile_and_activation_checkpointing(data, tmp_path):
+    """bf16 compute copies swapped into compiled, checkpointed layers: the recomputation in the backward
+    sees the copies too, and the run follows the plain bf16 run."""
+    bf16 = ["--precision", "bf16"]
+    run_train(micro_args(data, tmp_path / "plain", steps=6, extra=bf16))
+    run_train(micro_args(data, tmp_path / "compiled", steps=6, extra=[
+        *bf16, "--compile", "true", "--activation_checkpointing", "true"]))
+    plain, compiled = losses(tmp_path / "plain"), losses(tmp_path / "compiled")
+    assert len(plain) == len(compiled) == 12
+    for a, b in zip(plain, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
 
 
 def test_context_extension_phase(data, tmp_path):
@@ -232,6 +246,19 @@ def test_two_gloo_ranks_match_one_process_and_resume_on_another_world_size(data,
     assert [r["step"] for r in cont] == [r["step"] for r in one]
     for a, b in zip(one, cont, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+
+
+@pytest.mark.slow
+def test_bf16_on_one_process_computes_as_fsdp_does_on_two_ranks(data, tmp_path):
+    """One process's bf16 compute copies over fp32 masters and FSDP2's bf16 mixed precision on 2 ranks are
+    the same numerics: the curves agree to 1e-4 (autocast, with its fp32 residual stream, differed by 4e-4)."""
+    bf16 = ["--precision", "bf16"]
+    run_train(micro_args(data, tmp_path / "one", steps=12, extra=bf16))
+    run_train(micro_args(data, tmp_path / "two", steps=12, extra=bf16), torchrun=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 18
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_muon_optimizes_the_layer_matrices_and_adamw_the_rest(data, tmp_path):

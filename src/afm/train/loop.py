@@ -38,6 +38,7 @@ from afm.train import checkpoint
 from afm.train.config import OptimSpec, PhaseSpec, TrainConfig, phase_steps, to_dict, validate
 from afm.train.flops import peak_flops, training_flops_per_token
 from afm.train.lora import LoRASpec, apply_lora, merge_into, save_peft_adapter
+from afm.train.mixed_precision import ComputeWeights, MasterAdamW
 from afm.train.sft import SFTLoader
 from afm.tokenizer import Tokenizer
 from afm.train.parallel import DistInfo, all_reduce_mean, parallelize, setup_distributed, teardown_distributed
@@ -112,11 +113,18 @@ def is_muon_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and ".layers." in f".{name}"
 
 
-def build_optimizers(model: nn.Module, opt: OptimSpec, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, opt: OptimSpec, device: torch.device,
+                     weights: ComputeWeights | None = None) -> list[torch.optim.Optimizer]:
     """The run's optimizers: [AdamW] for `adamw`; [Muon, AdamW] for `muon` (Muon on the layers' matrices,
-    AdamW on the rest). Every optimizer follows the scheduled learning rate."""
+    AdamW on the rest). Every optimizer follows the scheduled learning rate. With bf16 compute `weights`
+    (AdamW only), a `MasterAdamW` that updates the fp32 masters and their copies together."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fused = device.type == "cuda"
+    if weights is not None:
+        if opt.name != "adamw":
+            raise ConfigError(f"bf16 compute weights take optim.name adamw, not {opt.name!r}")
+        return [MasterAdamW(param_groups([p for _, p in named], opt.weight_decay), weights, lr=opt.lr,
+                            betas=opt.betas, eps=opt.eps)]
     if opt.name == "adamw":
         return [torch.optim.AdamW(param_groups([p for _, p in named], opt.weight_decay), lr=opt.lr, betas=opt.betas,
                                   eps=opt.eps, fused=fused)]
@@ -191,15 +199,17 @@ def memory_gb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TokenLoader, batches: int, info: DistInfo, autocast: bool, doc_mask: bool) -> float:
+def evaluate(model: nn.Module, loader: TokenLoader, batches: int, info: DistInfo, autocast: bool, doc_mask: bool,
+             weights: ComputeWeights | None = None) -> float:
     model.eval()
     total, count = torch.zeros((), device=info.device), torch.zeros((), device=info.device)
     it = iter(loader)
     loader.epoch = loader.step_in_epoch = 0  # always the same held-out windows
-    for _ in range(min(batches, loader.steps_per_epoch)):
-        loss, n = token_loss(model, next(it), info.device, autocast, doc_mask)
-        total += loss
-        count += n
+    with weights.active() if weights is not None else contextlib.nullcontext():
+        for _ in range(min(batches, loader.steps_per_epoch)):
+            loss, n = token_loss(model, next(it), info.device, autocast, doc_mask)
+            total += loss
+            count += n
     model.train()
     return float(all_reduce_mean(total, info) / all_reduce_mean(count, info))
 
@@ -281,12 +291,17 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         apply_lora(model, config.lora)
     wrapped = parallelize(model, info, bf16=bf16 and info.distributed,
                           activation_checkpointing=config.activation_checkpointing, compile=config.compile)
-    autocast = bf16 and not info.distributed  # FSDP's mixed precision casts by itself
     opt = config.optim
-    optimizers = build_optimizers(wrapped, opt, info.device)
+    # bf16 on one device: the forward and backward run on bf16 copies of the fp32 master weights, which
+    # MasterAdamW updates together (mixed_precision.py); Muon takes autocast. FSDP casts by itself.
+    weights = ComputeWeights(model) if bf16 and not info.distributed and opt.name == "adamw" else None
+    autocast = bf16 and not info.distributed and weights is None
+    optimizers = build_optimizers(wrapped, opt, info.device, weights)
     if resume_from is not None:
         state = TrainerState(**{k: v for k, v in checkpoint.load(resume_from, wrapped, optimizers, info).items()
                                 if k in TrainerState.__dataclass_fields__})
+        if weights is not None:
+            weights.refresh()
         if info.is_main:
             print(f"resumed from {resume_from} (phase {state.phase}, step {state.global_step})", file=sys.stderr)
     metrics = MetricsLog(run_dir, info, state.global_step, config.tensorboard)
@@ -337,16 +352,22 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             local_tokens = torch.tensor(float(sum(int((b.targets != IGNORE).sum()) for b in micro_batches)),
                                         device=info.device)
             global_tokens = all_reduce_mean(local_tokens, info) * info.world_size
-            for i, b in enumerate(micro_batches):
-                if info.distributed:
-                    wrapped.set_requires_gradient_sync(i == accum - 1)  # reduce gradients once per step
-                loss, n = token_loss(wrapped, b, info.device, autocast, phase.document_mask)
-                # A token-level mean over the whole global batch: every rank divides by the global count,
-                # and FSDP averages gradients over ranks, so the world size is multiplied back in.
-                (loss * info.world_size / global_tokens).backward()
-                loss_sum += loss.detach()
-                count += n
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), opt.grad_clip)
+            with weights.active() if weights is not None else contextlib.nullcontext():
+                for i, b in enumerate(micro_batches):
+                    if info.distributed:
+                        wrapped.set_requires_gradient_sync(i == accum - 1)  # reduce gradients once per step
+                    loss, n = token_loss(wrapped, b, info.device, autocast, phase.document_mask)
+                    # A token-level mean over the whole global batch: every rank divides by the global count,
+                    # and FSDP averages gradients over ranks, so the world size is multiplied back in.
+                    (loss * info.world_size / global_tokens).backward()
+                    if weights is not None and accum > 1:
+                        weights.accumulate_grads()  # summed in fp32
+                    loss_sum += loss.detach()
+                    count += n
+            if weights is not None:
+                grad_norm = optimizers[0].clip_grad_norm_(opt.grad_clip)  # applied inside its step
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), opt.grad_clip)
             for o in optimizers:
                 o.step()
                 o.zero_grad(set_to_none=True)
@@ -368,7 +389,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             last_step = step + 1 == total
             if eval_loader is not None and ((step + 1) % phase.eval_every == 0 or last_step):
                 record["eval_loss"] = evaluate(wrapped, eval_loader, phase.eval_batches, info, autocast,
-                                               phase.document_mask)
+                                               phase.document_mask, weights)
             metrics.write(record)
             if info.is_main and (state.global_step % config.log_every == 0 or last_step):
                 extra = f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else ""
