@@ -6,8 +6,8 @@
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
 #
 # ENGINE_COMPILE=off|on|both picks the engine variants (default both); ENGINE_S, FP8_S and TRAIN_S are
-# the parts' time limits in seconds (FP8_S=0, the default, skips the fp8-KV-cache engine run; with
-# ENGINE_COMPILE=on ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
+# the parts' time limits in seconds, 0 skipping a part (FP8_S=0 is the default; with ENGINE_COMPILE=on
+# ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
 set -u
 OUT=${OUT:-runs/gpu-suite}
 mkdir -p "$OUT/engine"
@@ -27,8 +27,10 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 cat "$OUT/machine.txt"
 
 # 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
-timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" --baseline \
-    --breakdown --out "$OUT/engine" 2>&1 | tee "$OUT/engine.log"
+if [ "${ENGINE_S:-400}" -gt 0 ]; then
+    timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" \
+        --baseline --breakdown --out "$OUT/engine" 2>&1 | tee "$OUT/engine.log"
+fi
 # 1b. Engine with the fp8 KV cache (half the bytes per token of context), compiled, no baseline.
 if [ "${FP8_S:-0}" -gt 0 ]; then
     timeout "$FP8_S" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile on --kv-cache-dtype fp8 \
@@ -36,6 +38,8 @@ if [ "${FP8_S:-0}" -gt 0 ]; then
 fi
 # 2. Training step: afm compiled with autocast, with bf16 compute copies and MasterAdamW (`afm train`'s setting),
 #    in pure bf16; transformers.
-timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
-    | tee "$OUT/train.log"
+if [ "${TRAIN_S:-170}" -gt 0 ]; then
+    timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
+        | tee "$OUT/train.log"
+fi
 echo "done"

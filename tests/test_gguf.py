@@ -156,27 +156,60 @@ def test_bad_gguf_files(tmp_path, model, tokenizer):
     w.close()
     with pytest.raises(CheckpointError, match="architecture is 'llama'; afm runs architecture 'arcee'"):
         load_gguf(tmp_path / "llama.gguf")
-    # a copy of the good file with one tensor in a type afm does not run (Q4_1)
-    r = gguf.GGUFReader(str(good))
-    w = gguf.GGUFWriter(str(tmp_path / "q41.gguf"), "arcee")
+    # a matrix in a type that is not a ggml quantization at all
+    bad = _copy_with(good, tmp_path / "i32.gguf", "blk.0.ffn_up.weight",
+                     lambda t: (np.zeros(t.data.shape if t.tensor_type == gguf.GGMLQuantizationType.F32
+                                         else (t.shape[1], t.shape[0]), dtype=np.int32), gguf.GGMLQuantizationType.I32))
+    with pytest.raises(CheckpointError, match="'blk.0.ffn_up.weight' is I32, which the installed gguf package cannot"):
+        load_gguf(bad)
+
+
+def _copy_with(src, dst, name, replace):
+    """A copy of the GGUF file `src` with tensor `name` replaced by replace(tensor) -> (array, ggml type)."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "arcee")
     for f in r.fields.values():
         if f.name.startswith("GGUF.") or f.name == "general.architecture":
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub)
     for t in r.tensors:
-        if t.name == "blk.0.ffn_up.weight":
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-            w.add_tensor(t.name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_1),
-                         raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        array, kind = replace(t) if t.name == name else (np.asarray(t.data), t.tensor_type)
+        w.add_tensor(t.name, array, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match="'blk.0.ffn_up.weight' is Q4_1; afm runs F32, F16, BF16, Q8_0 and Q4_0"):
-        load_gguf(tmp_path / "q41.gguf")
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q5_0"])
+def test_other_ggml_quantizations_are_converted_to_q8_0_at_load(tmp_path, model, tokenizer, kind):
+    """A matrix in a ggml type without an afm kernel is dequantized (gguf's reference code) and
+    requantized to Q8_0: the loaded layer holds those Q8_0 blocks and runs within Q8_0's error of it."""
+    from afm.quant.formats import QuantType, dequantize, quantize
+
+    kind = gguf.GGMLQuantizationType[kind]
+    good = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    values = {}
+
+    def requantize(t):
+        values["q"] = gguf.quants.quantize(np.asarray(t.data), kind)
+        values["float"] = gguf.quants.dequantize(values["q"], kind)
+        return values["q"], kind
+
+    path = _copy_with(good, tmp_path / "mixed.gguf", "blk.0.ffn_up.weight", requantize)
+    loaded = load_gguf(path)
+    assert loaded.file_type == kind.name.lower()  # the other tensors are f32
+    layer = loaded.model.model.layers[0].mlp.up_proj
+    assert layer.qtype is QuantType.Q8_0
+    assert np.array_equal(layer.qweight.numpy(), quantize(values["float"], QuantType.Q8_0))
+    w = dequantize(layer.qweight.numpy(), QuantType.Q8_0)
+    assert np.abs(w - values["float"]).max() <= np.abs(values["float"]).max() / 127
+    ids = torch.tensor([tokenizer.encode("hello world, this is afm.")])
+    with torch.no_grad():
+        exact, ours = model(ids), loaded.model(ids)
+    assert (ours - exact).norm() / exact.norm() < 0.15
 
 
 def test_cli_export_quantize_and_serve_paths(tmp_path):

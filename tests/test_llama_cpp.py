@@ -102,3 +102,67 @@ def test_greedy_continuations_agree(llama_cpp, trained, gguf_type):
             if len(lc_out) == 16:
                 break
         assert afm_out == lc_out, prompt
+
+
+# ---- files quantized by llama.cpp itself --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_quantized(llama_cpp, tmp_path_factory):
+    """A small trained AFM whose matrices are wide enough for ggml's k-quants (rows of 256), exported in
+    f16 and quantized by llama.cpp's own `llama_model_quantize`: to Q4_0 (llama.cpp keeps `output.weight`
+    in Q6_K) and to Q4_K_M (Q4_K and Q6_K)."""
+    import ctypes
+
+    tok = train_bpe([TEXT * 20], 300)
+    config = tiny_config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, head_dim=64,
+                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = build_model(config, seed=0)
+    ids = torch.tensor([tok.encode(TEXT * 4)[:256]])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    model.eval()
+    out = tmp_path_factory.mktemp("llama-quantized")
+    source = export_gguf(model, tok, out / "f16.gguf", "f16")
+    paths = {}
+    for name, ftype in (("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 2
+        paths[name] = out / f"{name}.gguf"
+        assert llama_cpp.llama_model_quantize(str(source).encode(), str(paths[name]).encode(), ctypes.byref(params)) == 0
+    return model, tok, paths
+
+
+@pytest.mark.parametrize("name, types", [("q4_0", "q4_0+q6_k"), ("q4_k_m", "q4_k+q6_k")])
+def test_files_quantized_by_llama_cpp_run_in_afm(llama_cpp, llama_quantized, name, types):
+    """llama.cpp's Q4_0 and Q4_K_M files load (their Q4_K / Q6_K matrices converted to Q8_0), score within
+    llama.cpp's quantization error of llama.cpp itself, and continue greedily as llama.cpp does."""
+    model, tok, paths = llama_quantized
+    loaded = load_gguf(paths[name])
+    assert loaded.file_type == types
+    ids = tok.encode(TEXT)
+    with torch.no_grad():
+        exact = model(torch.tensor([ids]))[0].numpy()
+        ours = loaded.model(torch.tensor([ids]))[0].numpy()
+    llm = llama(llama_cpp, paths[name])
+    theirs = llama_logits(llm, ids)
+    quant_error = np.linalg.norm(theirs - exact)
+    # measured: afm is 0.14x (Q4_0) and 0.20x (Q4_K_M) that error away from llama.cpp
+    assert quant_error > 0 and np.linalg.norm(theirs - ours) < 0.5 * quant_error
+    engine = LLM(paths[name], kv_cache_memory_gib=0.01, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for prompt in PROMPTS:
+        prompt_ids = tok.encode(prompt)
+        afm_out = engine.generate([prompt_ids], params)[0].outputs[0].token_ids
+        llm.reset()
+        lc_out = []
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            lc_out.append(token)
+            if len(lc_out) == 16:
+                break
+        assert afm_out == lc_out, prompt

@@ -8,8 +8,11 @@ while AFM rotates the two halves of each head, so the rows of the q and k projec
 head on the way out (and back on the way in), as llama.cpp's own converter does.
 
 Tensors are quantized and written one at a time, so exporting needs memory for one tensor beyond the
-(memory-mapped) source model. Import keeps quantized weights as zero-copy views of the memory-mapped
-file (the q and k layers reorder their outputs instead of their rows).
+(memory-mapped) source model. Import keeps Q8_0 and Q4_0 weights as zero-copy views of the memory-mapped
+file (the q and k layers reorder their outputs instead of their rows). Matrices in the other ggml types
+(the k-quants, Q4_1, Q5_0, Q5_1, the IQ types: llama.cpp's own Q4_0 files keep `output.weight` in Q6_K,
+and Q4_K_M files are mostly Q4_K) are dequantized with the `gguf` package's reference code and
+requantized to Q8_0 at load, which keeps their accuracy at about a byte per weight in memory.
 """
 
 from __future__ import annotations
@@ -273,16 +276,34 @@ def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def _iter_gguf_tensors(reader: Any, source: str) -> Iterator[tuple[str, Any, np.ndarray]]:
-    gguf = _gguf()
-    t = gguf.GGMLQuantizationType
-    supported = (t.F32, t.F16, t.BF16, t.Q8_0, t.Q4_0)
     for tensor in reader.tensors:
-        if tensor.tensor_type not in supported:
-            raise CheckpointError(
-                f"{source}: tensor {tensor.name!r} is {tensor.tensor_type.name}; afm runs F32, F16, BF16, Q8_0 "
-                "and Q4_0 GGUF files (requantize with `afm quantize`)"
-            )
         yield tensor.name, tensor.tensor_type, tensor.data
+
+
+# Rows converted at a time: bounds the float32 intermediate (4096 rows of AFM-4.5B's 2560 columns: 42 MB).
+_CONVERT_ROWS = 4096
+
+
+def requantize_to_q8_0(data: np.ndarray, ggml_type: Any, name: str, source: str) -> np.ndarray:
+    """A matrix (rows, row bytes) in another ggml quantization, dequantized by the `gguf` package and
+    quantized to Q8_0 (rows, columns / 32 * 34), a slab of rows at a time."""
+    from gguf import quants
+
+    rows = data.shape[0]
+    out = None
+    for start in range(0, rows, _CONVERT_ROWS):
+        try:
+            values = quants.dequantize(np.ascontiguousarray(data[start:start + _CONVERT_ROWS]), ggml_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} is {ggml_type.name}, which the installed gguf package cannot "
+                "dequantize; afm runs F32, F16, BF16, Q8_0 and Q4_0 directly and converts the types gguf reads "
+                "(upgrade gguf, or requantize with `afm quantize`)") from None
+        q = quantize(values, QuantType.Q8_0)
+        if out is None:
+            out = np.empty((rows, q.shape[1]), dtype=np.uint8)
+        out[start:start + q.shape[0]] = q
+    return out
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GGUFModel:
@@ -306,7 +327,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     found: set[str] = set()
     t = gguf.GGMLQuantizationType
     qtypes = {t.Q8_0: QuantType.Q8_0, t.Q4_0: QuantType.Q4_0}
+    floats = (t.F32, t.F16, t.BF16)
     file_types = set()
+    converted: dict[str, int] = {}
     for gg_name, ggml_type, data in _iter_gguf_tensors(reader, str(path)):
         if gg_name not in names:
             if gg_name.endswith("rope_freqs.weight"):
@@ -318,9 +341,16 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         module_name, _, _ = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
         expected = tuple(module.weight.shape)
+        file_types.add(ggml_type.name.lower() if ggml_type not in floats else "f32" if ggml_type == t.F32 else "f16")
+        if ggml_type not in qtypes and ggml_type not in floats:
+            if data.ndim != 2 or len(expected) != 2:
+                raise CheckpointError(f"{path}: tensor {gg_name!r} is {ggml_type.name}; afm converts only matrices "
+                                      "from that type (norms must be F32, F16 or BF16)")
+            data = requantize_to_q8_0(data, ggml_type, gg_name, str(path))
+            converted[ggml_type.name] = converted.get(ggml_type.name, 0) + data.nbytes
+            ggml_type = t.Q8_0
         if ggml_type in qtypes:
             q = qtypes[ggml_type]
-            file_types.add(q.value)
             rows, row_bytes = data.shape
             shape = (rows, row_bytes // q.block_bytes * 32)
             if shape != expected:
@@ -344,11 +374,14 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                 tensor = _readonly_tensor(array)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(f"{path}: tensor {gg_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
-            file_types.add("f16" if ggml_type != t.F32 else "f32")
             module.weight = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
     missing = sorted(set(names) - found)
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}")
+    if converted:
+        log.warning("%s: afm has no kernels for %s; those matrices were converted to Q8_0 at load (%.0f MB in "
+                    "memory, not mapped from the file). A Q4_0 file from `afm quantize` runs fully mapped.",
+                    path.name, " and ".join(sorted(converted)), sum(converted.values()) / 1e6)
     if config.tie_word_embeddings:
         embed = model.model.embed_tokens
         if isinstance(embed, QuantEmbedding):
