@@ -10,9 +10,11 @@ fresh process so that peak memory is its own:
 - peak resident memory (VmHWM) of the whole process.
 
 llama.cpp runs through llama-cpp-python (its low-level API for the 4-sequence batch); afm through its
-engine on the same GGUF file. Both use every core (`--threads`).
+engine on the same GGUF file. Both use every core (`--threads`). With `--llama-file`, both engines also
+run llama.cpp's own default Q4_0 file (Q6_K LM head, which afm converts to Q8_0 at load): the file a
+user downloads.
 
-    python bench/cpu_q4_0.py --dir /tmp/afm-4.5b-random --threads 2
+    python bench/cpu_q4_0.py --dir /tmp/afm-4.5b-random --threads 2 [--llama-file]
 """
 
 from __future__ import annotations
@@ -216,6 +218,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["afm", "llama"], help=argparse.SUPPRESS)
     ap.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--llama-file", action="store_true",
+                    help="also run both engines on llama.cpp's default Q4_0 file (Q6_K LM head)")
     args = ap.parse_args()
     if args.only == "afm":
         print(json.dumps(run_afm(args.gguf, args.threads)))
@@ -235,23 +239,26 @@ def main() -> None:
                            check=True, capture_output=True)
         sizes[f"llama_q4_0{'_pure' if pure else ''}_bytes"] = dst.stat().st_size
     results = {"sizes": sizes, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
-    for engine in ("llama", "afm"):
-        out = subprocess.run([sys.executable, __file__, "--only", engine, "--gguf", str(files["q4_0"]),
-                              "--threads", str(args.threads)], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{engine} run failed")
-        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[engine]), flush=True)
-    a, b = results["afm"], results["llama"]
-    results["ratios"] = {k: a[k] / b[k] for k in ("pp512_tok_s", "tg128_tok_s", "concurrent4_tok_s_per_seq")}
-    results["size_ratio_vs_llama_pure"] = sizes["afm_q4_0_bytes"] / sizes["llama_q4_0_pure_bytes"]
+    runs = [("", files["q4_0"])] + ([("llama_file_", args.dir / "llama-q4_0.gguf")] if args.llama_file else [])
     gb = 1e9
-    print(f"\n{'':28}{'afm':>12}{'llama.cpp':>12}{'afm/llama':>11}")
-    for key, label in (("pp512_tok_s", "prompt 512 (tok/s)"), ("tg128_tok_s", "generate 128 (tok/s)"),
-                       ("concurrent4_tok_s_per_seq", "4 concurrent (tok/s each)")):
-        print(f"{label:28}{a[key]:>12.2f}{b[key]:>12.2f}{a[key] / b[key]:>10.2f}x")
-    print(f"{'peak RSS (GB)':28}{a['peak_rss_bytes'] / gb:>12.2f}{b['peak_rss_bytes'] / gb:>12.2f}")
+    for prefix, gguf_file in runs:
+        for engine in ("llama", "afm"):
+            out = subprocess.run([sys.executable, __file__, "--only", engine, "--gguf", str(gguf_file),
+                                  "--threads", str(args.threads)], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{engine} run failed")
+            results[prefix + engine] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[prefix + engine]), flush=True)
+        a, b = results[prefix + "afm"], results[prefix + "llama"]
+        results[prefix + "ratios"] = {k: a[k] / b[k] for k in ("pp512_tok_s", "tg128_tok_s", "concurrent4_tok_s_per_seq")}
+        print(f"\n{gguf_file.name:28}{'afm':>12}{'llama.cpp':>12}{'afm/llama':>11}")
+        for key, label in (("pp512_tok_s", "prompt 512 (tok/s)"), ("tg128_tok_s", "generate 128 (tok/s)"),
+                           ("concurrent4_tok_s_per_seq", "4 concurrent (tok/s each)")):
+            print(f"{label:28}{a[key]:>12.2f}{b[key]:>12.2f}{a[key] / b[key]:>10.2f}x")
+        print(f"{'load (s)':28}{a['load_s']:>12.2f}{b['load_s']:>12.2f}")
+        print(f"{'peak RSS (GB)':28}{a['peak_rss_bytes'] / gb:>12.2f}{b['peak_rss_bytes'] / gb:>12.2f}")
+    results["size_ratio_vs_llama_pure"] = sizes["afm_q4_0_bytes"] / sizes["llama_q4_0_pure_bytes"]
     print(f"Q4_0 file: afm {sizes['afm_q4_0_bytes'] / gb:.3f} GB, llama.cpp pure {sizes['llama_q4_0_pure_bytes'] / gb:.3f} GB "
           f"({results['size_ratio_vs_llama_pure']:.4f}x), llama.cpp default (Q6_K head) {sizes['llama_q4_0_bytes'] / gb:.3f} GB")
     if args.out:

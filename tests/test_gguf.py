@@ -160,7 +160,14 @@ def test_bad_gguf_files(tmp_path, model, tokenizer):
     bad = _copy_with(good, tmp_path / "i32.gguf", "blk.0.ffn_up.weight",
                      lambda t: (np.zeros(t.data.shape if t.tensor_type == gguf.GGMLQuantizationType.F32
                                          else (t.shape[1], t.shape[0]), dtype=np.int32), gguf.GGMLQuantizationType.I32))
-    with pytest.raises(CheckpointError, match="'blk.0.ffn_up.weight' is I32, which the installed gguf package cannot"):
+    with pytest.raises(CheckpointError, match="'blk.0.ffn_up.weight' is I32; afm runs F32, F16, BF16, Q8_0 and Q4_0 tensors"):
+        load_gguf(bad)
+    # a block quantization that the gguf package cannot dequantize (Q8_K, llama.cpp's internal activation type)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+    bad = _copy_with(good, tmp_path / "q8k.gguf", "blk.0.ffn_up.weight",
+                     lambda t: (np.zeros((t.shape[1], max(1, t.shape[0] // block) * size), dtype=np.uint8),
+                                gguf.GGMLQuantizationType.Q8_K))
+    with pytest.raises(CheckpointError, match="'blk.0.ffn_up.weight' is Q8_K, which the installed gguf package cannot"):
         load_gguf(bad)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,28 +274,27 @@ def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def _iter_gguf_tensors(reader: Any, source: str) -> Iterator[tuple[str, Any, np.ndarray]]:
-    for tensor in reader.tensors:
-        yield tensor.name, tensor.tensor_type, tensor.data
-
-
 # Rows converted at a time: bounds the float32 intermediate (4096 rows of AFM-4.5B's 2560 columns: 42 MB).
 _CONVERT_ROWS = 4096
 
 
-def requantize_to_q8_0(data: np.ndarray, ggml_type: Any, name: str, source: str) -> np.ndarray:
-    """A matrix (rows, row bytes) in another ggml quantization, dequantized by the `gguf` package and
-    quantized to Q8_0 (rows, columns / 32 * 34), a slab of rows at a time."""
+def requantize_to_q8_0(path: Path, tensor: Any) -> np.ndarray:
+    """A GGUF matrix in another ggml quantization, dequantized by the `gguf` package and quantized to
+    Q8_0 (rows, columns / 32 * 34), a slab of rows at a time. The slabs are read from the file rather
+    than through its memory map, so the source bytes do not stay resident beside the Q8_0 copy."""
     from gguf import quants
 
-    rows = data.shape[0]
+    rows, row_bytes = tensor.data.shape
+    ggml_type, name = tensor.tensor_type, tensor.name
     out = None
     for start in range(0, rows, _CONVERT_ROWS):
+        n = min(_CONVERT_ROWS, rows - start)
+        raw = np.fromfile(path, dtype=np.uint8, count=n * row_bytes, offset=tensor.data_offset + start * row_bytes)
         try:
-            values = quants.dequantize(np.ascontiguousarray(data[start:start + _CONVERT_ROWS]), ggml_type)
+            values = quants.dequantize(raw.reshape(n, row_bytes), ggml_type)
         except NotImplementedError:
             raise CheckpointError(
-                f"{source}: tensor {name!r} is {ggml_type.name}, which the installed gguf package cannot "
+                f"{path}: tensor {name!r} is {ggml_type.name}, which the installed gguf package cannot "
                 "dequantize; afm runs F32, F16, BF16, Q8_0 and Q4_0 directly and converts the types gguf reads "
                 "(upgrade gguf, or requantize with `afm quantize`)") from None
         q = quantize(values, QuantType.Q8_0)
@@ -330,7 +328,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     floats = (t.F32, t.F16, t.BF16)
     file_types = set()
     converted: dict[str, int] = {}
-    for gg_name, ggml_type, data in _iter_gguf_tensors(reader, str(path)):
+    for tensor in reader.tensors:
+        gg_name, ggml_type, data = tensor.name, tensor.tensor_type, tensor.data
         if gg_name not in names:
             if gg_name.endswith("rope_freqs.weight"):
                 continue
@@ -343,10 +342,13 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         expected = tuple(module.weight.shape)
         file_types.add(ggml_type.name.lower() if ggml_type not in floats else "f32" if ggml_type == t.F32 else "f16")
         if ggml_type not in qtypes and ggml_type not in floats:
+            if data.dtype != np.uint8:  # not a block quantization: integer or float64 tensors
+                raise CheckpointError(f"{path}: tensor {gg_name!r} is {ggml_type.name}; afm runs F32, F16, BF16, Q8_0 "
+                                      "and Q4_0 tensors and converts ggml's other quantization types")
             if data.ndim != 2 or len(expected) != 2:
                 raise CheckpointError(f"{path}: tensor {gg_name!r} is {ggml_type.name}; afm converts only matrices "
                                       "from that type (norms must be F32, F16 or BF16)")
-            data = requantize_to_q8_0(data, ggml_type, gg_name, str(path))
+            data = requantize_to_q8_0(path, tensor)
             converted[ggml_type.name] = converted.get(ggml_type.name, 0) + data.nbytes
             ggml_type = t.Q8_0
         if ggml_type in qtypes:
