@@ -4,9 +4,10 @@ Builds an afm model with AFM-4.5B's block shape (hidden 2560, 20/4 heads, head_d
 18432, vocab 128004) and as many layers as `--layers` (on one GPU, as many of the 36 as fit), then
 times full training steps (forward, backward, fused AdamW) at batch x seq tokens per step:
 
-- `afm-compile-master`, what `afm train` does on one GPU: torch.compile per decoder layer, forward and
-  backward on bf16 copies of fp32 master weights, `MasterAdamW` updating masters and copies in one
-  fused pass (afm.train.mixed_precision); `afm-master` the same without compile;
+- `afm-compile-master`, what `afm train` does on one GPU with `compile: true`: torch.compile per
+  decoder layer and on the loss, forward and backward on bf16 copies of fp32 master weights,
+  `MasterAdamW` updating masters and copies in one fused pass (afm.train.mixed_precision);
+  `afm-master` the same without compile;
 - `afm` and `afm-compile`: bf16 autocast over fp32 parameters and PyTorch's fused AdamW (`afm train`'s
   earlier setting; what it still does with Muon);
 - `afm-compile-bf16`: bf16 parameters and optimizer state (no fp32 master weights): the baseline's
@@ -41,14 +42,13 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.model import build_model, get_preset  # noqa: E402
 from afm.train.config import OptimSpec  # noqa: E402
 from afm.train.flops import peak_flops, training_flops_per_token  # noqa: E402
-from afm.train.loop import build_optimizers  # noqa: E402
+from afm.train.loop import build_optimizers, loss_function  # noqa: E402
 from afm.train.mixed_precision import ComputeWeights  # noqa: E402
 
 
@@ -95,18 +95,20 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
     return (time.perf_counter() - t0) / steps
 
 
-def afm_step_fn(model, batch: torch.Tensor, autocast: bool, master: bool, clock: Clock):
+def afm_step_fn(model, batch: torch.Tensor, autocast: bool, master: bool, compile: bool, clock: Clock):
     """A training step as `afm train` builds it: its optimizer (AdamW, weight decay 0.1 on matrices; fused
-    on GPUs), and with `master` its bf16 compute weights and MasterAdamW."""
+    on GPUs) and loss (compiled with `compile`), and with `master` its bf16 compute weights and MasterAdamW."""
     weights = ComputeWeights(model) if master else None
     (opt,) = build_optimizers(model, OptimSpec(lr=1e-4, weight_decay=0.1), batch.device, weights)
     active = weights.active if weights is not None else contextlib.nullcontext
+    loss_fn = loss_function(compile)
+    targets = batch[:, 1:]
 
     def step() -> None:
         clock.mark(new_step=True)
         with active(), torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss = loss_fn(logits, targets) / targets.numel()
             loss.backward()
         clock.mark()
         opt.step()
@@ -184,7 +186,7 @@ def main() -> None:
                 if "compile" in variant:
                     for layer in model.model.layers:
                         layer.compile()
-                step = afm_step_fn(model, batch, bf16 and not pure_bf16 and not master, master, clock)
+                step = afm_step_fn(model, batch, bf16 and not pure_bf16 and not master, master, "compile" in variant, clock)
             seconds = timed_steps(step, args.steps, args.warmup, device, clock)
             tok_s = tokens / seconds
             tflops = tok_s * flops_token / 1e12

@@ -216,6 +216,34 @@ def test_bf16_master_weights_under_compile_and_activation_checkpointing(data, tm
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2)
 
 
+def test_compiled_loss_equals_the_eager_loss_and_gradient():
+    from afm.train.loop import IGNORE, loss_function, summed_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    compiled = loss_function(compile=True)
+    for tokens in (37, 64):  # a second shape: the compiled loss is shape-generic
+        logits = (torch.randn(2, tokens, 300, generator=g) * 4).to(torch.bfloat16).requires_grad_()
+        targets = torch.randint(0, 300, (2, tokens), generator=g)
+        targets[:, :5] = IGNORE
+        results = []
+        for fn in (summed_cross_entropy, compiled):
+            loss = fn(logits, targets)
+            (grad,) = torch.autograd.grad(loss, logits)
+            results.append((loss, grad))
+        (ref, ref_grad), (got, got_grad) = results
+        assert got.dtype == torch.float32 and got_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got_grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-3)
+        assert not got_grad[:, :5].any()  # ignored targets contribute nothing
+
+
+def test_compile_without_a_working_toolchain_trains_eagerly_and_says_so(data, tmp_path):
+    r = run_train(micro_args(data, tmp_path / "run", steps=4, extra=["--compile", "true"]),
+                  env_extra={"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert "torch.compile does not work here" in r.stderr and "InvalidCxxCompiler" in r.stderr
+    assert len(losses(tmp_path / "run")) == 10
+
+
 def test_context_extension_phase(data, tmp_path):
     run_train(micro_args(data, tmp_path / "ext", steps=4, extra=[
         "--phases.1.context_extension", "{factor: 4.0, original_max_position_embeddings: 1024, "
