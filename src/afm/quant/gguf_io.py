@@ -328,8 +328,8 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
     floats = (t.F32, t.F16, t.BF16)
     file_types = set()
     converted: dict[str, int] = {}
-    for tensor in reader.tensors:
-        gg_name, ggml_type, data = tensor.name, tensor.tensor_type, tensor.data
+    for entry in reader.tensors:
+        gg_name, ggml_type, data = entry.name, entry.tensor_type, entry.data
         if gg_name not in names:
             if gg_name.endswith("rope_freqs.weight"):
                 continue
@@ -348,7 +348,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
             if data.ndim != 2 or len(expected) != 2:
                 raise CheckpointError(f"{path}: tensor {gg_name!r} is {ggml_type.name}; afm converts only matrices "
                                       "from that type (norms must be F32, F16 or BF16)")
-            data = requantize_to_q8_0(path, tensor)
+            data = requantize_to_q8_0(path, entry)
             converted[ggml_type.name] = converted.get(ggml_type.name, 0) + data.nbytes
             ggml_type = t.Q8_0
         if ggml_type in qtypes:

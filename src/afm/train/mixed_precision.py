@@ -16,6 +16,7 @@ the masters' `.grad`), so long accumulations lose nothing to bf16 rounding.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -117,7 +118,9 @@ class MasterAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps)
         self.weights = weights
         first = next(p for g in self.param_groups for p in g["params"])
-        self.kernel = first.device.type == "cuda" if kernel is None else kernel
+        if kernel is None:  # on GPUs, wherever Triton is installed (PyTorch's Linux CUDA wheels bring it)
+            kernel = first.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.kernel = kernel
         self._grad_scale: Tensor | None = None
 
     @torch.no_grad()
