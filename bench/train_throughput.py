@@ -96,8 +96,8 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
 
 
 def afm_step_fn(model, batch: torch.Tensor, autocast: bool, master: bool, compile: bool, clock: Clock):
-    """A training step as `afm train` builds it: its optimizer (AdamW, weight decay 0.1 on matrices; fused
-    on GPUs) and loss (compiled with `compile`), and with `master` its bf16 compute weights and MasterAdamW."""
+    """A training step as `afm train` builds it: its optimizer (fused AdamW, weight decay 0.1 on
+    matrices) and loss (compiled with `compile`), and with `master` its bf16 compute weights and MasterAdamW."""
     weights = ComputeWeights(model) if master else None
     (opt,) = build_optimizers(model, OptimSpec(lr=1e-4, weight_decay=0.1), batch.device, weights)
     active = weights.active if weights is not None else contextlib.nullcontext
@@ -127,7 +127,7 @@ def hf_step_fn(config, batch: torch.Tensor, device: torch.device, clock: Clock):
     )
     with torch.device(device):
         model = transformers.ArceeForCausalLM(hf_config).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
     def step() -> None:
         clock.mark(new_step=True)

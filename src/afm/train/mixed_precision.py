@@ -115,11 +115,14 @@ class MasterAdamW(torch.optim.AdamW):
 
     def __init__(self, params: Any, weights: ComputeWeights, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, kernel: bool | None = None) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps)
-        self.weights = weights
-        first = next(p for g in self.param_groups for p in g["params"])
+        groups = list(params)
+        first = next(p for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
         if kernel is None:  # on GPUs, wherever Triton is installed (PyTorch's Linux CUDA wheels bring it)
             kernel = first.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        # The reference path steps with PyTorch's fused AdamW (on CPUs 2.5-3.5x faster than its foreach
+        # form for afm-nano); the kernel path keeps the step counts on the host, where reading them is free.
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=not kernel and first.device.type in ("cpu", "cuda"))
+        self.weights = weights
         self.kernel = kernel
         self._grad_scale: Tensor | None = None
 
