@@ -10,7 +10,7 @@ writes the new bf16 copies in the same pass (`afm.train.fused_adamw` on GPUs). A
 throughout, the numerics of FSDP2's `MixedPrecisionPolicy(param_dtype=bf16)` that multi-GPU runs use.
 
 Gradients of several micro-batches are accumulated in fp32 (`ComputeWeights.accumulate_grads`, into
-the masters' `.grad`), so long accumulations lose nothing to bf16 rounding.
+the masters' `.grad`), so that long accumulations are not rounded to bf16 at every micro-batch.
 """
 
 from __future__ import annotations
