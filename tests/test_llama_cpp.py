@@ -20,22 +20,27 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A stitch in time saves nin
 PROMPTS = ["The quick brown", "A stitch", "def add(a, b):"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny AFM (YaRN, GQA) fitted to a short text, so its greedy continuations are confident."""
-    tok = train_bpe([TEXT * 20], 300)
+def fitted(tok, steps: int, lr: float, **config):
+    """A tiny AFM fitted to TEXT, so that its greedy continuations are confident."""
     config = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128))
+                         eos_token_id=tok.eos_token_id, **config)
     model = build_model(config, seed=0)
     ids = torch.tensor([tok.encode(TEXT * 4)[:256]])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(250):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny AFM (YaRN, GQA) fitted to a short text."""
+    tok = train_bpe([TEXT * 20], 300)
+    model = fitted(tok, 250, 3e-3, rope_scaling=YarnScaling(factor=4.0, original_max_position_embeddings=128))
     out = tmp_path_factory.mktemp("gguf")
     paths = {t: export_gguf(model, tok, out / f"tiny-{t}.gguf", t) for t in ("f32", "f16", "q8_0", "q4_0")}
     return model, tok, paths
@@ -49,6 +54,22 @@ def llama_logits(llm, ids):
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def assert_greedy_continuations_agree(llm, path, tok, tokens=16):
+    """afm's engine on `path` and llama.cpp's `llm` continue every prompt with the same greedy tokens."""
+    ours = LLM(path, kv_cache_memory_gib=0.01, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        afm_out = ours.generate([ids], params)[0].outputs[0].token_ids
+        llm.reset()
+        lc_out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            lc_out.append(token)
+            if len(lc_out) == tokens:
+                break
+        assert afm_out == lc_out, prompt
 
 
 def test_llama_cpp_tokenizes_like_afm(llama_cpp, trained):
@@ -89,19 +110,7 @@ def test_quantized_logits_match_within_quantization_error(llama_cpp, trained, gg
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0", "q4_0"])
 def test_greedy_continuations_agree(llama_cpp, trained, gguf_type):
     _, tok, paths = trained
-    llm = llama(llama_cpp, paths[gguf_type])
-    ours = LLM(paths[gguf_type], kv_cache_memory_gib=0.01, max_model_len=256)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        afm_out = ours.generate([ids], params)[0].outputs[0].token_ids
-        llm.reset()
-        lc_out = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-            lc_out.append(token)
-            if len(lc_out) == 16:
-                break
-        assert afm_out == lc_out, prompt
+    assert_greedy_continuations_agree(llama(llama_cpp, paths[gguf_type]), paths[gguf_type], tok)
 
 
 # ---- files quantized by llama.cpp itself --------------------------------------------------------
@@ -115,18 +124,7 @@ def llama_quantized(llama_cpp, tmp_path_factory):
     import ctypes
 
     tok = train_bpe([TEXT * 20], 300)
-    config = tiny_config(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=512, head_dim=64,
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = build_model(config, seed=0)
-    ids = torch.tensor([tok.encode(TEXT * 4)[:256]])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for _ in range(150):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5
-    model.eval()
+    model = fitted(tok, 150, 2e-3, hidden_size=256, intermediate_size=512, head_dim=64)
     out = tmp_path_factory.mktemp("llama-quantized")
     source = export_gguf(model, tok, out / "f16.gguf", "f16")
     paths = {}
@@ -154,15 +152,4 @@ def test_files_quantized_by_llama_cpp_run_in_afm(llama_cpp, llama_quantized, nam
     quant_error = np.linalg.norm(theirs - exact)
     # measured: afm is 0.14x (Q4_0) and 0.20x (Q4_K_M) that error away from llama.cpp
     assert quant_error > 0 and np.linalg.norm(theirs - ours) < 0.5 * quant_error
-    engine = LLM(paths[name], kv_cache_memory_gib=0.01, max_model_len=256)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for prompt in PROMPTS:
-        prompt_ids = tok.encode(prompt)
-        afm_out = engine.generate([prompt_ids], params)[0].outputs[0].token_ids
-        llm.reset()
-        lc_out = []
-        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-            lc_out.append(token)
-            if len(lc_out) == 16:
-                break
-        assert afm_out == lc_out, prompt
+    assert_greedy_continuations_agree(llm, paths[name], tok)

@@ -31,7 +31,6 @@ class ComputeWeights:
     weights, which then need no cast per use either)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.dtype = dtype
         self._slots: list[tuple[nn.Module, str, nn.Parameter]] = []
         self._copies: dict[int, nn.Parameter] = {}
         for module in model.modules():
