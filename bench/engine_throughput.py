@@ -403,6 +403,11 @@ def main() -> None:
                     "max_concurrency_at_max_model_len": e.max_concurrency()}
             log(f"\n{name}: ready in {startup:.0f}s; KV cache {e.kv_capacity_tokens} tokens = "
                 f"{e.max_concurrency():.1f} concurrent requests of {args.max_model_len} tokens")
+            if e.runner.batch_one_timings:
+                info["batch_one_graphs"] = e.runner.batch_one_timings
+                log(f"  batch-1 decode graph replay (start-up measurement): its own graph "
+                    f"{e.runner.batch_one_timings['batch_one_ms']:.3f} ms, padded to two rows "
+                    f"{e.runner.batch_one_timings['padded_to_two_ms']:.3f} ms")
             # Warm-up: compiles every kernel variant (a lone request too: batch 1 is its own compilation).
             run_afm(llm, 16, args.input_len, 8, config.vocab_size, seed=99)
             run_afm(llm, 1, args.input_len, 4, config.vocab_size, seed=98)

@@ -39,7 +39,8 @@ fi
 # 2. Training step: afm compiled with autocast, with bf16 compute copies and MasterAdamW (`afm train`'s setting),
 #    in pure bf16; transformers.
 if [ "${TRAIN_S:-170}" -gt 0 ]; then
-    timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" 2>&1 \
+    timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" \
+        --profile "$OUT/train-profiles" 2>&1 \
         | tee "$OUT/train.log"
 fi
 echo "done"

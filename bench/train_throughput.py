@@ -19,7 +19,10 @@ gradients for their norm.
 
 Reports tokens/s, achieved TFLOP/s and MFU (FLOPs per token from `afm.train.flops`, the device's
 datasheet bf16 peak) for each, the share of the step spent in the optimizer, and the ratio to
-transformers.
+transformers. With `--profile DIR`, one more step of each variant runs under torch.profiler: DIR gets
+its kernel table, and the run's JSON its device time by kind of kernel (matrix multiplies, attention,
+optimizer, fused element-wise, other), which says where a variant's step goes. The attention backend
+PyTorch's SDPA picks at this shape (flash, cuDNN, ...) is reported too.
 
     # GPU:
     python bench/train_throughput.py --layers 12 --seq 4096 --batch 1 --steps 20
@@ -95,6 +98,63 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
     return (time.perf_counter() - t0) / steps
 
 
+# Kinds of kernels in a training step, by substrings of their names (CUDA kernels and, on the CPU,
+# ATen operators); the first kind that matches wins.
+KERNEL_KINDS = (
+    ("optimizer", ("adam", "multi_tensor")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "sdp_")),
+    ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("fused element-wise (Inductor)", ("triton_",)),
+    ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other"
+
+
+def profile_step(step, device: torch.device, table_to: Path | None) -> dict[str, float]:
+    """Run one step under torch.profiler; return its device time (host time on a CPU) in ms by kind of
+    kernel, and write the kernel table to `table_to`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    kinds: dict[str, float] = {}
+    for e in events:
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            us = e.self_device_time_total
+        elif not cuda and e.key.startswith("aten::"):
+            us = e.self_cpu_time_total
+        else:
+            continue
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
+    if table_to is not None:
+        table_to.write_text(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                         row_limit=50))
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+def sdpa_backend(config, seq: int, device: torch.device) -> str:
+    """The kernel `F.scaled_dot_product_attention` picks for this model's causal attention at `seq` tokens."""
+    from torch.nn.attention import SDPBackend
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.empty(1, config.num_attention_heads, seq, config.head_dim, device=device, dtype=dtype)
+    kv = torch.empty(1, config.num_key_value_heads, seq, config.head_dim, device=device, dtype=dtype)
+    choice = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=True)
+    return SDPBackend(choice).name
+
+
 def afm_step_fn(model, batch: torch.Tensor, autocast: bool, master: bool, compile: bool, clock: Clock):
     """A training step as `afm train` builds it: its optimizer (fused AdamW, weight decay 0.1 on
     matrices) and loss (compiled with `compile`), and with `master` its bf16 compute weights and MasterAdamW."""
@@ -156,6 +216,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="compute in bf16 on a CPU too (for CPUs that multiply bf16 "
                     "natively; on GPUs always)")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT") else None)
+    ap.add_argument("--profile", type=Path, help="profile one more step of each variant; kernel tables go to this folder")
     args = ap.parse_args()
     device = torch.device(args.device)
     config = get_preset(args.preset)
@@ -168,7 +229,9 @@ def main() -> None:
     peak = peak_flops(device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
-               "params": config.num_parameters(), "flops_per_token": flops_token, "runs": {}}
+               "params": config.num_parameters(), "flops_per_token": flops_token,
+               "sdpa_backend": sdpa_backend(config, args.seq, device),
+               "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None, "runs": {}}
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}), flush=True)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
     for run, variant in enumerate(args.variants.split(",")):
@@ -193,10 +256,16 @@ def main() -> None:
             row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
                    "optimizer_share": clock.optimizer_share(),
                    "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-            results["runs"][variant if variant not in results["runs"] else f"{variant}#{run}"] = row
+            key = variant if variant not in results["runs"] else f"{variant}#{run}"
+            results["runs"][key] = row
             print(f"{variant:16} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
                   + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else "")
                   + f"  optimizer {row['optimizer_share'] * 100:4.1f}% of the step", flush=True)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                row["profile_ms"] = profile_step(step, device, args.profile / f"train-{key}.txt")
+                print(f"{'':16} profiled step, ms: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in row["profile_ms"].items()), flush=True)
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()

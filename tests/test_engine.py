@@ -196,6 +196,41 @@ def test_streaming_deltas_add_up(model, tokenizer):
     assert last.finished and "".join(pieces) == last.outputs[0].text and ids == last.outputs[0].token_ids
 
 
+class EagerGraph:
+    """A captured decode graph's stand-in on the CPU: `replay` runs the captured function eagerly."""
+
+    def __init__(self, runner, bs, replays, forward=None):
+        self.runner, self.bs, self.replays = runner, bs, replays
+        self.run = runner._graph_step(bs, forward)
+
+    def replay(self):
+        self.replays.append(self.bs)
+        self.runner.g_logits[self.bs] = self.run()
+
+
+def test_batch_one_decode_graph_with_its_own_forward(model, tokenizer):
+    """A lone request decodes through the batch-1 graph's own forward (static shapes, compiled with the
+    Inductor options a GPU tunes it with) beside the larger batches' compiled forward (a symbolic batch
+    size), and its tokens are the naive loop's."""
+    from afm.engine.model_runner import SINGLE_DECODE_INDUCTOR_OPTIONS
+
+    llm = make_llm(model, tokenizer, max_model_len=96, max_num_seqs=4, block_size=4, compile=True)
+    runner = llm.engine.runner
+    runner._allocate_graph_buffers(4)
+    single = torch.compile(runner._logits_forward, dynamic=False, fullgraph=True,
+                           options=SINGLE_DECODE_INDUCTOR_OPTIONS)
+    replays = []
+    runner.graphs = {1: EagerGraph(runner, 1, replays, single), 2: EagerGraph(runner, 2, replays),
+                     4: EagerGraph(runner, 4, replays)}
+    prompts = mixed_prompts(3, seed=5)
+    lengths = [4, 9, 17]  # the longest request decodes alone at the end
+    outs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths])
+    for prompt, n, out in zip(prompts, lengths, outs, strict=True):
+        assert out.outputs[0].token_ids == naive(model, prompt, n)
+    assert replays.count(1) >= 7
+    assert_runner_holds_nothing(llm.engine)
+
+
 def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
     """The CUDA-graph decode path on the CPU: each "graph" replays its captured function eagerly, so the
     input buffers, the padding to the ladder's sizes and the null-block rows are what is tested."""
@@ -210,16 +245,7 @@ def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
     runner = llm.engine.runner
     runner._allocate_graph_buffers(12)
     replays = []
-
-    class EagerGraph:
-        def __init__(self, bs):
-            self.bs, self.run = bs, runner._graph_step(bs)
-
-        def replay(self):
-            replays.append(self.bs)
-            runner.g_logits[self.bs] = self.run()
-
-    runner.graphs = {bs: EagerGraph(bs) for bs in graph_batch_sizes(12)}
+    runner.graphs = {bs: EagerGraph(runner, bs, replays) for bs in graph_batch_sizes(12)}
     outs = llm.generate(prompts, params)
     for prompt, n, out, ref in zip(prompts, lengths, outs, eager, strict=True):
         assert out.outputs[0].token_ids == naive(model, prompt, n)

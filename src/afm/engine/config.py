@@ -26,7 +26,9 @@ class EngineConfig:
     - `enforce_eager`: no CUDA graphs for decode batches (and no torch.compile unless asked for).
     - `compile`: torch.compile the decode forward (dynamic batch size) before capturing its CUDA graphs,
       which fuses the norms, rotary embeddings and activations into a few kernels per layer, and the
-      sampler's tensor work. None (the default): on for GPUs unless `enforce_eager`, off on the CPU.
+      sampler's tensor work; a lone request also gets a batch-1 forward tuned for memory bandwidth, kept
+      when it measures faster at start-up. None (the default): on for GPUs unless `enforce_eager`, off on
+      the CPU.
       Compilation adds a minute or two to start-up (cached on disk for the next start).
     """
 

@@ -12,6 +12,12 @@ a few kernels per layer, paged attention an opaque custom operator). On GPUs tho
 graphs of it captured for a ladder of batch sizes (the batch is padded to the next size; padded rows
 write into the reserved null block), which removes the per-kernel launch cost that otherwise dominates
 small decode batches.
+
+A lone request (batch 1) is where decoding is purely a matter of reading the weights once per token.
+Compiled on a GPU, it gets a forward of its own: static shapes and Inductor's coordinate-descent tuning,
+under which every matrix-vector product becomes a bandwidth-tuned reduction that the norms, activation
+and residual adds around it fuse into (cuBLAS otherwise runs them as small GEMMs, padded to two rows).
+Which of the two batch-1 graphs serves is measured at start-up, on the card (`batch_one_timings`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ log = logging.getLogger(__name__)
 
 # Prompt-logprob rows sent through the LM head at once: bounds the (rows x vocabulary) float32 logits.
 PROMPT_LOGPROB_ROWS = 256
+
+# Inductor settings of the batch-1 decode forward. With coordinate-descent tuning on a GPU, Inductor
+# lowers a matrix product with one row to a multiply-and-sum reduction (torch/_inductor/decomposition.py)
+# and tunes its tiles by measurement: the matrix-vector path that reaches the card's memory bandwidth,
+# with the neighbouring element-wise work fused into its loads and stores.
+SINGLE_DECODE_INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
+# Replays per candidate when the batch-1 graphs are timed against each other at start-up.
+BATCH_ONE_TIMING_REPLAYS = 20
 
 
 def kv_bytes_per_token(model: AFMForCausalLM, kv_dtype: torch.dtype) -> int:
@@ -159,6 +173,8 @@ class ModelRunner:
         self.sampler = Sampler(self.vocab_size, self.config.max_num_seqs + 1, self.device, compile=self.compile,
                                logits_width=self.model.config.vocab_size)
         self.decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] = self._logits_forward
+        self.single_decode_forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] | None = None
+        self.batch_one_timings: dict[str, float] = {}
         if self.compile:
             log.info("compiling the model with torch.compile (a minute or two on a GPU; cached for the next start)")
             self._compile_prefill_regions()
@@ -170,6 +186,10 @@ class ModelRunner:
                     torch._dynamo.mark_static(t)
             self.decode_forward = torch.compile(self._logits_forward, dynamic=True, fullgraph=True)
         if self.device.type == "cuda" and not self.config.enforce_eager:
+            if self.compile:
+                self.single_decode_forward = torch.compile(
+                    self._logits_forward, dynamic=False, fullgraph=True, options=SINGLE_DECODE_INDUCTOR_OPTIONS
+                )
             self._capture_graphs()
         self.sampler.warm_up()
 
@@ -363,8 +383,11 @@ class ModelRunner:
         self.g_query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_logits: dict[int, Tensor] = {}
 
-    def _graph_step(self, bs: int) -> Callable[[], Tensor]:
-        """The decode forward of the first `bs` rows of the graph buffers: what a graph captures."""
+    def _graph_step(
+        self, bs: int, forward: Callable[[Tensor, Tensor, PagedAttention], Tensor] | None = None
+    ) -> Callable[[], Tensor]:
+        """The decode forward (`decode_forward` unless given) of the first `bs` rows of the graph buffers:
+        what a graph captures."""
         md = AttentionMetadata(
             slot_mapping=self.g_slot_mapping[:bs],
             query_start_loc=self.g_query_start_loc[: bs + 1],
@@ -373,7 +396,7 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=self.max_model_len,
         )
-        forward = self.decode_forward
+        forward = forward or self.decode_forward
 
         def run() -> Tensor:
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
@@ -390,16 +413,45 @@ class ModelRunner:
         sizes = sorted(graph_batch_sizes(max_bs, smallest), reverse=True)  # largest first: smaller ones reuse its pool
         log.info("capturing CUDA graphs for %d decode batch sizes up to %d", len(sizes), max_bs)
         for bs in sizes:
-            run = self._graph_step(bs)
-            run()  # warm up (Triton compilation, cuBLAS handles) outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.g_logits[bs] = run()
-            self.graphs[bs] = graph
+            self.graphs[bs], self.g_logits[bs] = self._capture(self._graph_step(bs), pool)
+        if self.single_decode_forward is not None and 2 in self.graphs:
+            log.info("compiling and capturing the batch-1 decode forward (coordinate-descent tuned)")
+            single, single_logits = self._capture(self._graph_step(1, self.single_decode_forward), pool)
+            timings = {"batch_one_ms": self._replay_ms(single), "padded_to_two_ms": self._replay_ms(self.graphs[2])}
+            self.batch_one_timings = timings
+            if timings["batch_one_ms"] < timings["padded_to_two_ms"]:
+                self.graphs[1], self.g_logits[1] = single, single_logits
+            log.info("batch-1 decode: its own graph %.3f ms, padded to two rows %.3f ms per step: %s",
+                     timings["batch_one_ms"], timings["padded_to_two_ms"],
+                     "its own graph serves" if 1 in self.graphs else "padding serves")
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", sorted(self.graphs))
+
+    @staticmethod
+    def _capture(run: Callable[[], Tensor], pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Warm `run` up (compilation, Triton autotuning, cuBLAS handles) and capture it in a CUDA graph."""
+        run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = run()
+        return graph, logits
+
+    @staticmethod
+    def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        """Median time of one replay of `graph` (on the buffers as they are: both batch-1 candidates read
+        the same inputs, so they run the same attention and differ only in the rest of the forward)."""
+        times = []
+        for i in range(BATCH_ONE_TIMING_REPLAYS + 3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            if i >= 3:
+                times.append(start.elapsed_time(end))
+        return float(np.median(times))
 
     def _logits_forward(self, input_ids: Tensor, positions: Tensor, attention: PagedAttention) -> Tensor:
         return self.model.lm_head(self.model.model(input_ids, positions, attention=attention)[0])
