@@ -16,11 +16,13 @@ PY=${PYTHON:-python}
 if [ "${1:-}" = "--tiny" ]; then
     ENGINE=(--preset afm-nano --device cpu --concurrency 1 8 --input-len 64 --output-len 16 --max-model-len 256
             --kv-cache-gib 0.2 --baseline-concurrency 1 8)
-    TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu)
+    TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu
+           --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
     echo "cpu dry run" > "$OUT/machine.txt"
 else
     ENGINE=(--preset afm-4.5b --concurrency 1 16 64 250 --kv-cache-gib 40 --baseline-concurrency 1 250)
-    TRAIN=(--layers 36 --seq 4096 --batch 1 --steps 10 --warmup 3)
+    TRAIN=(--layers 36 --seq 4096 --batch 1 --steps 10 --warmup 3
+           --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/machine.txt"
 fi
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/machine.txt"
@@ -36,8 +38,8 @@ if [ "${FP8_S:-0}" -gt 0 ]; then
     timeout "$FP8_S" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile on --kv-cache-dtype fp8 \
         --out "$OUT/engine-fp8" 2>&1 | tee "$OUT/engine-fp8.log"
 fi
-# 2. Training step: afm compiled with autocast, with bf16 compute copies and MasterAdamW (`afm train`'s setting),
-#    in pure bf16; transformers.
+# 2. Training step: afm compiled with bf16 compute copies and MasterAdamW (`afm train`'s setting), the same under
+#    PyTorch's SDPA kernel order (when it differs from afm's), in pure bf16; transformers. Each profiled once.
 if [ "${TRAIN_S:-170}" -gt 0 ]; then
     timeout "${TRAIN_S:-170}" $PY bench/train_throughput.py "${TRAIN[@]}" --out "$OUT/train_throughput.json" \
         --profile "$OUT/train-profiles" 2>&1 \

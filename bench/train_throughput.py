@@ -14,6 +14,10 @@ times full training steps (forward, backward, fused AdamW) at batch x seq tokens
   numerics, to separate the model's speed from the cost of keeping fp32 master weights;
 - `transformers`: `ArceeForCausalLM` in bf16 with SDPA and fused AdamW, the baseline.
 
+afm's variants run under the SDPA kernel order `afm train` sets (`afm.model.layers.sdpa_preference`:
+cuDNN's attention first on Hopper); `VARIANT:pytorch-sdpa` runs one under PyTorch's own order instead
+(skipped when both orders pick the same kernel at this shape).
+
 No variant clips gradients (the baseline does not); `afm train` does, at the cost of one read of the
 gradients for their norm.
 
@@ -49,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.model import build_model, get_preset  # noqa: E402
+from afm.model.layers import sdpa_preference  # noqa: E402
 from afm.train.config import OptimSpec  # noqa: E402
 from afm.train.flops import peak_flops, training_flops_per_token  # noqa: E402
 from afm.train.loop import build_optimizers, loss_function  # noqa: E402
@@ -201,6 +206,44 @@ def hf_step_fn(config, batch: torch.Tensor, device: torch.device, clock: Clock):
     return step, model
 
 
+def run_variant(variant: str, label: str, config, batch: torch.Tensor, device: torch.device, bf16: bool, args,
+                tokens: int, flops_token: float, peak: float | None) -> dict:
+    """Time (and with --profile, profile) one variant's training step; return its row of results."""
+    clock = Clock(device)
+    if variant == "transformers":
+        step, model = hf_step_fn(config, batch, device, clock)
+    else:
+        if variant not in ("afm", "afm-master", "afm-compile", "afm-compile-master", "afm-compile-bf16"):
+            raise ValueError(f"unknown variant {variant!r}")
+        pure_bf16 = variant.endswith("-bf16")
+        master = variant.endswith("-master") and bf16
+        dtype = torch.bfloat16 if pure_bf16 else torch.float32
+        model = build_model(config.replace(dtype="float32"), device, dtype, seed=0).train()
+        if "compile" in variant:
+            for layer in model.model.layers:
+                layer.compile()
+        step = afm_step_fn(model, batch, bf16 and not pure_bf16 and not master, master, "compile" in variant, clock)
+    seconds = timed_steps(step, args.steps, args.warmup, device, clock)
+    tok_s = tokens / seconds
+    tflops = tok_s * flops_token / 1e12
+    row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
+           "optimizer_share": clock.optimizer_share(),
+           "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
+    print(f"{label:16} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
+          + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else "")
+          + f"  optimizer {row['optimizer_share'] * 100:4.1f}% of the step", flush=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        row["profile_ms"] = profile_step(step, device, args.profile / f"train-{label}.txt")
+        print(f"{'':16} profiled step, ms: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in row["profile_ms"].items()), flush=True)
+    del model, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="afm-4.5b")
@@ -212,7 +255,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--variants", default="afm-compile,afm-compile-master,afm-compile-bf16,transformers",
                     help="comma-separated, from afm, afm-master, afm-compile, afm-compile-master, afm-compile-bf16, "
-                         "transformers; a name given twice runs twice (a second sample of the same variant)")
+                         "transformers; a name given twice runs twice (a second sample of the same variant); "
+                         "an afm variant ending in ':pytorch-sdpa' leaves SDPA's kernel order to PyTorch")
     ap.add_argument("--bf16", action="store_true", help="compute in bf16 on a CPU too (for CPUs that multiply bf16 "
                     "natively; on GPUs always)")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) / "train_throughput.json" if os.environ.get("OUT") else None)
@@ -230,46 +274,26 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "layers": config.num_hidden_layers, "seq": args.seq, "batch": args.batch,
                "params": config.num_parameters(), "flops_per_token": flops_token,
-               "sdpa_backend": sdpa_backend(config, args.seq, device),
+               "sdpa_backend_pytorch": sdpa_backend(config, args.seq, device),
                "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None, "runs": {}}
+    with sdpa_preference(device):
+        results["sdpa_backend_afm"] = sdpa_backend(config, args.seq, device)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}), flush=True)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
-    for run, variant in enumerate(args.variants.split(",")):
+    for run, spec in enumerate(args.variants.split(",")):
+        variant, _, option = spec.partition(":")
+        # afm's variants run with the SDPA kernel order `afm train` sets; the baseline with PyTorch's.
+        own_order = variant != "transformers" and option != "pytorch-sdpa"
         try:
-            clock = Clock(device)
-            if variant == "transformers":
-                step, model = hf_step_fn(config, batch, device, clock)
-            else:
-                if variant not in ("afm", "afm-master", "afm-compile", "afm-compile-master", "afm-compile-bf16"):
-                    raise ValueError(f"unknown variant {variant!r}")
-                pure_bf16 = variant.endswith("-bf16")
-                master = variant.endswith("-master") and bf16
-                dtype = torch.bfloat16 if pure_bf16 else torch.float32
-                model = build_model(config.replace(dtype="float32"), device, dtype, seed=0).train()
-                if "compile" in variant:
-                    for layer in model.model.layers:
-                        layer.compile()
-                step = afm_step_fn(model, batch, bf16 and not pure_bf16 and not master, master, "compile" in variant, clock)
-            seconds = timed_steps(step, args.steps, args.warmup, device, clock)
-            tok_s = tokens / seconds
-            tflops = tok_s * flops_token / 1e12
-            row = {"step_s": seconds, "tokens_per_s": tok_s, "tflops": tflops, "mfu": tok_s * flops_token / peak if peak else None,
-                   "optimizer_share": clock.optimizer_share(),
-                   "max_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-            key = variant if variant not in results["runs"] else f"{variant}#{run}"
-            results["runs"][key] = row
-            print(f"{variant:16} {tok_s:>10,.0f} tok/s  {tflops:7.1f} TFLOP/s"
-                  + (f"  MFU {row['mfu'] * 100:5.1f}%" if row["mfu"] else "")
-                  + f"  optimizer {row['optimizer_share'] * 100:4.1f}% of the step", flush=True)
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                row["profile_ms"] = profile_step(step, device, args.profile / f"train-{key}.txt")
-                print(f"{'':16} profiled step, ms: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in row["profile_ms"].items()), flush=True)
-            del model, step
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+            if option not in ("", "pytorch-sdpa"):
+                raise ValueError(f"unknown variant option {option!r} in {spec!r}")
+            if option and results["sdpa_backend_afm"] == results["sdpa_backend_pytorch"]:
+                print(f"{spec}: skipped, both orders pick {results['sdpa_backend_afm']} at this shape", flush=True)
+                continue
+            key = spec if spec not in results["runs"] else f"{spec}#{run}"
+            with sdpa_preference(device) if own_order else contextlib.nullcontext():
+                results["runs"][key] = run_variant(variant, key, config, batch, device, bf16, args, tokens, flops_token,
+                                                   peak)
         except Exception:
             traceback.print_exc()
     base = results["runs"].get("transformers")

@@ -5,7 +5,7 @@ import torch
 
 from afm.model import CausalAttention, build_model, get_preset, positions_from_documents
 from afm.model.hf import load_pretrained, save_pretrained
-from afm.model.layers import rope_inverse_frequencies
+from afm.model.layers import preferred_sdpa_backends, rope_inverse_frequencies, sdpa_preference
 
 from .conftest import YARN, tiny_config
 
@@ -53,6 +53,43 @@ def test_explicit_attention_backend_is_used():
         out = model(ids, attention=Recording())
         assert torch.equal(out, model(ids))
     assert calls == [(0, (2, 7, 4, 16), (2, 7, 2, 16)), (1, (2, 7, 4, 16), (2, 7, 2, 16))]
+
+
+@pytest.mark.parametrize(
+    "capability, cudnn, cudnn_first",
+    [((9, 0), 91501, True), ((9, 0), 91002, False), ((8, 0), 91501, False), ((10, 0), 91501, False)],
+    ids=["hopper", "hopper-old-cudnn", "ampere", "blackwell"],
+)
+def test_cudnn_attention_is_preferred_on_hopper_only(monkeypatch, capability, cudnn, cudnn_first):
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    order = preferred_sdpa_backends(torch.device("cuda"))
+    if cudnn_first:
+        assert order[0] == SDPBackend.CUDNN_ATTENTION and len(set(order)) == 4  # every kernel stays a fallback
+    else:
+        assert order is None
+    assert preferred_sdpa_backends(torch.device("cpu")) is None
+
+
+def test_sdpa_preference_orders_the_kernels_inside_its_block_only():
+    from torch.nn.attention import SDPBackend
+
+    q, kv = torch.randn(1, 4, 16, 32), torch.randn(1, 2, 16, 32)
+
+    def choice():
+        return SDPBackend(torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, enable_gqa=True))
+
+    before = choice()
+    assert before != SDPBackend.MATH
+    # (The CPU's selection ignores the order, not the set: one kernel shows that the block takes effect.)
+    with sdpa_preference(q.device, [SDPBackend.MATH]):
+        assert choice() == SDPBackend.MATH
+    assert choice() == before
+    with sdpa_preference(q.device):  # no preference on a CPU: PyTorch's order
+        assert choice() == before
 
 
 def test_yarn_frequencies_interpolate_low_and_keep_high():

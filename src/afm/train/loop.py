@@ -34,6 +34,7 @@ from afm.errors import ConfigError
 from afm.io import atomic_write_text
 from afm.model.config import ModelConfig, YarnScaling, get_preset
 from afm.model.hf import load_pretrained, save_pretrained
+from afm.model.layers import sdpa_preference
 from afm.model.transformer import AFMForCausalLM, build_model
 from afm.train import checkpoint
 from afm.train.config import OptimSpec, PhaseSpec, TrainConfig, phase_steps, to_dict, validate
@@ -290,7 +291,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run every phase of the recipe (resuming from the newest checkpoint); returns a summary."""
     info = setup_distributed(config.device)
     try:
-        return _train(config, info)
+        with sdpa_preference(info.device):  # cuDNN's attention first on Hopper GPUs
+            return _train(config, info)
     finally:
         teardown_distributed()
 
