@@ -174,3 +174,34 @@ def test_a_filtering_request_keeps_its_filter_beside_an_unfiltered_one():
         for r in rows:
             sampler.release(r)
     assert drawn_by_unfiltered == {True, False}  # the unfiltered row really samples
+
+
+def test_an_unfiltered_row_draws_as_alone_and_the_candidates_stay_few():
+    """Beside AFM-style rows (top_k 50), a request that filters nothing draws what it would in a batch of its
+    own (same seed, same token), while the step's top-k stays at 50 candidates instead of the vocabulary."""
+    from afm.engine.request import Request
+    from afm.engine.sampler import Sampler
+    from afm.engine.sampling_params import SamplingParams
+
+    vocab = 500
+    sampler = Sampler(vocab, 8, torch.device("cpu"))
+    real = sampler.transform_and_sample
+    k_max_seen = []
+
+    def spy(*args):
+        k_max_seen.append(args[5])
+        return real(*args)
+
+    sampler.transform_and_sample = spy
+    afm = {"temperature": 0.5, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+    for trial in range(20):
+        logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(trial)) * 2
+        u = Request(f"u{trial}", [1, 2], SamplingParams(temperature=1.0, seed=trial, max_tokens=4))
+        alone = sampler.sample(logits[2:].clone(), [u]).token_ids[0]
+        sampler.release(u)
+        rows = [Request(f"a{trial}-{i}", [3], SamplingParams(seed=i, max_tokens=4, **afm)) for i in range(2)] + [u]
+        together = sampler.sample(logits.clone(), rows).token_ids
+        assert together[2] == alone
+        for r in rows:
+            sampler.release(r)
+    assert set(k_max_seen) == {0, 50}

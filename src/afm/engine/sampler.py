@@ -9,7 +9,8 @@ long-lived requests needs:
   t, token id), so a seeded request produces the same text whatever else shares its batch, and the
   whole batch is sampled with a few vectorised operations;
 - top-k, top-p and min-p over the top-k candidates only (AFM samples with top_k 50), and a full-vocabulary
-  path when no request filters;
+  draw for rows that filter nothing (a batch's candidates are as many as its largest top_k among the rows
+  that filter, so one request without top_k does not turn the step's top-k into a full sort);
 - each slot's parameters are kept on the host when a request takes the slot, so a step gathers its rows'
   parameters with numpy indexing (no per-request loop); they travel to the device as two small tensors;
 - the tensor work is one pure function, `transform_and_sample`, which the engine can hand to
@@ -69,6 +70,7 @@ def transform_and_sample(
     repetition: bool,
     presence_frequency: bool,
     sampling: bool,
+    unfiltered_rows: Tensor | None = None,
 ) -> Tensor:
     """One token per row of `logits` (B, V) float32: penalties, then greedy or a filtered draw.
 
@@ -76,7 +78,9 @@ def transform_and_sample(
     min_p. `row_ints` (B, 4) int64: statistics slot, seed, output step, top_k (V when disabled).
     `prompt_mask` and `output_counts` are the sampler's per-slot statistics. `k_max` > 0 keeps only that
     many candidates per row before top-k / top-p / min-p; 0 draws over the whole vocabulary unfiltered.
-    The booleans skip work no row needs.
+    `unfiltered_rows` (int64 row indices, used with k_max > 0; an index may repeat) names rows that
+    filter nothing: they draw over the whole vocabulary instead of the candidates. The booleans skip
+    work no row needs.
     """
     B, V = logits.shape
     slots = row_ints[:, 0]
@@ -109,13 +113,20 @@ def transform_and_sample(
         vals = vals.masked_fill(drop, NEG_INF)
         choice = (vals + gumbel_noise(seeds, steps, ids)).argmax(dim=-1)
         sampled = ids.gather(1, choice[:, None])[:, 0]
+        if unfiltered_rows is not None:
+            # The same draw such a row gets in a batch without filters: one pass over its vocabulary.
+            u = unfiltered_rows
+            ids_all = torch.arange(V, device=logits.device).expand(u.shape[0], -1)
+            anywhere = (x[u] + gumbel_noise(seeds[u], steps[u], ids_all)).argmax(dim=-1)
+            sampled = sampled.index_put((u,), anywhere)
     return torch.where(temperature > 0, sampled, greedy)
 
 
-# Columns of `Sampler.slot_needs`, per row: the candidates it needs (its top_k when it samples, else 0),
-# whether it filters (top-k, top-p or min-p), samples (temperature > 0), has a repetition penalty, a
-# presence or frequency penalty, its logprobs count (-1: none), its min_tokens.
-_NEEDS = ("k", "filters", "samples", "repetition", "presence_frequency", "logprobs", "min_tokens")
+# Columns of `Sampler.slot_needs`, per row: the candidates it needs (its top_k when it samples and filters,
+# else 0), whether it filters (top-k, top-p or min-p), samples (temperature > 0), samples without
+# filtering, has a repetition penalty, a presence or frequency penalty, its logprobs count (-1: none),
+# its min_tokens.
+_NEEDS = ("k", "filters", "samples", "unfiltered", "repetition", "presence_frequency", "logprobs", "min_tokens")
 
 
 @dataclass
@@ -171,10 +182,12 @@ class Sampler:
                                   p.top_p, p.min_p)
         self.slot_ints[slot] = (slot, request.sampling_seed, 0, top_k)
         sampling = not p.greedy
+        filters = sampling and (top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0)
         self.slot_needs[slot] = (
-            top_k if sampling else 0,
-            sampling and (top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0),
+            top_k if filters else 0,
+            filters,
             sampling,
+            sampling and not filters,
             p.repetition_penalty != 1.0,
             bool(p.presence_penalty or p.frequency_penalty),
             -1 if p.logprobs is None else p.logprobs,
@@ -196,18 +209,21 @@ class Sampler:
     @torch.inference_mode()  # as in `ModelRunner.execute`: the compiled code is specific to the grad mode
     def warm_up(self, logits_dtype: torch.dtype = torch.float32) -> None:
         """Compile ahead of the first requests: greedy and filtered sampling (AFM's defaults), for a
-        batch of one and of several (a batch of one is its own compilation)."""
+        batch of one and of several (a batch of one is its own compilation), and a batch mixing filtered
+        and unfiltered rows."""
         if not self.compiled:
             return
-        for batch in (1, 2):
-            for k_max, temperature in ((0, 0.0), (min(50, self.vocab_size), 0.5)):
-                # Shaped and strided as in `sample`: the model's width, cut to the tokenizer's vocabulary.
-                logits = torch.zeros(batch, self.logits_width, dtype=logits_dtype, device=self.device)
-                logits = logits[:, : self.vocab_size]
-                floats = torch.tensor([[1.1, 0.0, 0.0, temperature, 0.95, 0.0]] * batch, device=self.device)
-                ints = torch.tensor([[0, 0, 0, max(k_max, 1)]] * batch, device=self.device)
-                self.transform_and_sample(logits, self.prompt_mask, self.output_counts, floats, ints, k_max,
-                                          True, True, temperature > 0)
+        k = min(50, self.vocab_size)
+        for batch, k_max, temperature, mixed in ((1, 0, 0.0, False), (1, k, 0.5, False), (2, 0, 0.0, False),
+                                                 (2, k, 0.5, False), (3, k, 0.5, True)):
+            # Shaped and strided as in `sample`: the model's width, cut to the tokenizer's vocabulary.
+            logits = torch.zeros(batch, self.logits_width, dtype=logits_dtype, device=self.device)
+            logits = logits[:, : self.vocab_size]
+            floats = torch.tensor([[1.1, 0.0, 0.0, temperature, 0.95, 0.0]] * batch, device=self.device)
+            ints = torch.tensor([[0, 0, 0, max(k_max, 1)]] * batch, device=self.device)
+            unfiltered_rows = torch.tensor([0, 0], device=self.device) if mixed else None
+            self.transform_and_sample(logits, self.prompt_mask, self.output_counts, floats, ints, k_max,
+                                      True, True, temperature > 0, unfiltered_rows)
 
     # ---- sampling ---------------------------------------------------------------------------
 
@@ -224,8 +240,10 @@ class Sampler:
         ints = self.slot_ints[slots]
         ints[:, 2] = steps
         floats = self.slot_floats[slots]
-        needs = self.slot_needs[slots].max(axis=0)
-        k_max_row, filtered, sampling, repetition, presence_frequency, logprobs_k, min_tokens = needs.tolist()
+        row_needs = self.slot_needs[slots]
+        needs = row_needs.max(axis=0)
+        k_max_row, filtered, sampling, unfiltered, repetition, presence_frequency, logprobs_k, min_tokens = (
+            needs.tolist())
 
         raw_logprobs = logits.log_softmax(dim=-1) if logprobs_k >= 0 else None
 
@@ -240,9 +258,15 @@ class Sampler:
 
         # The vocabulary may be padded beyond the tokenizer: those ids can never be sampled.
         logits = logits[:, : self.vocab_size]
-        # Candidates for top-k / top-p / min-p: the largest top_k of the sampling rows (V when one of them
-        # keeps the whole vocabulary); none when no sampling row filters.
+        # Candidates for top-k / top-p / min-p: the largest top_k of the rows that filter (V when one of them
+        # filters by top-p or min-p alone); none when no sampling row filters. Rows that filter nothing draw
+        # over the whole vocabulary.
         k_max = min(k_max_row, self.vocab_size) if filtered else 0
+        unfiltered_rows = None
+        if filtered and unfiltered:
+            rows = np.flatnonzero(row_needs[:, _NEEDS.index("unfiltered")])
+            # At least two indices (one repeated), so that compiled code never specialises on a single row.
+            unfiltered_rows = to_device(np.resize(rows, max(2, len(rows))), dev, torch.long)
         ints_t = to_device(ints, dev)
         tokens = self.transform_and_sample(
             logits, self.prompt_mask, self.output_counts,
@@ -252,6 +276,7 @@ class Sampler:
             self.compiled or bool(repetition),
             self.compiled or bool(presence_frequency),
             bool(sampling),
+            unfiltered_rows,
         )
 
         token_list = tokens.tolist()
