@@ -231,6 +231,36 @@ def test_batch_one_decode_graph_with_its_own_forward(model, tokenizer):
     assert_runner_holds_nothing(llm.engine)
 
 
+@pytest.mark.parametrize("own_ms, serves", [(1.0, True), (3.0, False), (None, False)],
+                         ids=["faster", "slower", "fails"])
+def test_batch_one_graph_is_kept_only_when_it_measures_faster(model, tokenizer, monkeypatch, caplog, own_ms, serves):
+    """The start-up choice between a lone request's own graph and padding it into the batch-2 graph, with
+    capture and replay timing stood in for (they need a GPU)."""
+    runner = make_llm(model, tokenizer, max_model_len=64, max_num_seqs=4).engine.runner
+    runner._allocate_graph_buffers(4)
+    runner.single_decode_forward = runner._logits_forward
+    padded = EagerGraph(runner, 2, [])
+    runner.graphs = {2: padded}
+
+    def capture(run, pool):
+        if own_ms is None:
+            raise RuntimeError("inductor failed")
+        return "own graph", "own logits"
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    monkeypatch.setattr(runner, "_replay_ms", lambda graph: own_ms if graph == "own graph" else 2.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    runner._add_batch_one_graph(pool=None)
+    assert (1 in runner.graphs) == serves
+    if serves:
+        assert runner.graphs[1] == "own graph" and runner.g_logits[1] == "own logits"
+    if own_ms is None:
+        assert "inductor failed" in caplog.text and not runner.batch_one_timings
+    else:
+        assert runner.batch_one_timings == {"batch_one_ms": own_ms, "padded_to_two_ms": 2.0}
+    assert runner.graphs[2] is padded
+
+
 def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
     """The CUDA-graph decode path on the CPU: each "graph" replays its captured function eagerly, so the
     input buffers, the padding to the ladder's sizes and the null-block rows are what is tested."""

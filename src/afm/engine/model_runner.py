@@ -415,18 +415,30 @@ class ModelRunner:
         for bs in sizes:
             self.graphs[bs], self.g_logits[bs] = self._capture(self._graph_step(bs), pool)
         if self.single_decode_forward is not None and 2 in self.graphs:
-            log.info("compiling and capturing the batch-1 decode forward (coordinate-descent tuned)")
-            single, single_logits = self._capture(self._graph_step(1, self.single_decode_forward), pool)
-            timings = {"batch_one_ms": self._replay_ms(single), "padded_to_two_ms": self._replay_ms(self.graphs[2])}
-            self.batch_one_timings = timings
-            if timings["batch_one_ms"] < timings["padded_to_two_ms"]:
-                self.graphs[1], self.g_logits[1] = single, single_logits
-            log.info("batch-1 decode: its own graph %.3f ms, padded to two rows %.3f ms per step: %s",
-                     timings["batch_one_ms"], timings["padded_to_two_ms"],
-                     "its own graph serves" if 1 in self.graphs else "padding serves")
+            self._add_batch_one_graph(pool)
         self.graphs = dict(sorted(self.graphs.items()))
         torch.cuda.synchronize()
         log.info("captured CUDA graphs for decode batch sizes %s", sorted(self.graphs))
+
+    def _add_batch_one_graph(self, pool: tuple[int, int]) -> None:
+        """Capture the batch-1 forward of its own and keep it if it replays faster than the batch-2 graph
+        a lone request is otherwise padded to. A failure costs only the specialisation: padding serves."""
+        assert self.single_decode_forward is not None
+        log.info("compiling and capturing the batch-1 decode forward (coordinate-descent tuned)")
+        try:
+            single, single_logits = self._capture(self._graph_step(1, self.single_decode_forward), pool)
+        except Exception as e:  # an optimisation: the engine serves the same tokens without it
+            log.warning("the batch-1 decode forward failed to compile or capture (%s: %s); a lone request "
+                        "runs padded to two rows", type(e).__name__, e)
+            torch.cuda.synchronize()
+            return
+        timings = {"batch_one_ms": self._replay_ms(single), "padded_to_two_ms": self._replay_ms(self.graphs[2])}
+        self.batch_one_timings = timings
+        if timings["batch_one_ms"] < timings["padded_to_two_ms"]:
+            self.graphs[1], self.g_logits[1] = single, single_logits
+        log.info("batch-1 decode: its own graph %.3f ms, padded to two rows %.3f ms per step: %s",
+                 timings["batch_one_ms"], timings["padded_to_two_ms"],
+                 "its own graph serves" if 1 in self.graphs else "padding serves")
 
     @staticmethod
     def _capture(run: Callable[[], Tensor], pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
