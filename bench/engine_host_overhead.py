@@ -2,15 +2,16 @@
 
 A decode step on a GPU replays a CUDA graph for the forward and runs the compiled sampler; between
 steps the device idles while the host schedules, builds the next step's inputs and books the sampled
-tokens. At 250 concurrent requests that host work grows with the batch, so it is measured here on its
-own: a one-layer model with a tiny hidden size makes the forward negligible, C requests decode
+tokens (with asynchronous scheduling, the default on GPUs, it overlaps the previous step's device work
+instead). At 250 concurrent requests that host work grows with the batch, so it is measured here on its
+own (synchronously, as the CPU engine runs): a one-layer model with a tiny hidden size makes the forward negligible, C requests decode
 together (their prefills done first), and each decode step's wall time is split into
 
 - schedule: `Scheduler.schedule` (block allocation for the new token);
-- inputs + sampler host: `ModelRunner.execute` minus the model's forward and the sampler's tensor
-  function (building token ids, positions, slots and block tables, the per-row sampling parameters,
-  reading back the sampled ids);
-- bookkeeping: the rest of `LLMEngine.step` (advancing requests, appending tokens, finish checks);
+- inputs + sampler host: `ModelRunner.launch` minus the model's forward and the sampler's tensor
+  function (building token ids, positions, slots and block tables, the per-row sampling parameters);
+- bookkeeping: the rest of `LLMEngine.step` (reading back the sampled ids, advancing requests,
+  appending tokens, finish checks);
 - tensor work: the forward and `transform_and_sample` (reported, not counted as host time).
 
     python bench/engine_host_overhead.py --concurrency 64 256 --steps 100
@@ -71,7 +72,7 @@ def measure(concurrency: int, steps: int, vocab: int, input_len: int, repeats: i
     clock: collections.Counter = collections.Counter()
     runner, sampler, scheduler = engine.runner, engine.runner.sampler, engine.scheduler
     scheduler.schedule = timed(clock, "schedule", scheduler.schedule)
-    runner.execute = timed(clock, "execute", runner.execute)
+    runner.launch = timed(clock, "execute", runner.launch)
     sampler.transform_and_sample = timed(clock, "tensor", sampler.transform_and_sample)
     forward_start: list[float] = []
     for module in (runner.model.model, runner.model.lm_head):

@@ -162,9 +162,10 @@ def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps
     """Where a decode step's time goes with `concurrency` requests decoding (prefills done first).
 
     Host clock: the whole `engine.step()`. Device clock (CUDA events, GPU only): the forward (input
-    copies and the graph replay or eager forward) and the sampler (which ends with the host reading the
-    sampled ids). What is left of the step is host work the device waits for: scheduling, building
-    the step's inputs, appending tokens. Optionally also writes a torch.profiler table of 5 steps.
+    copies and the graph replay or eager forward) and the sampler (its kernels and the copies of the
+    sampled ids to the host). What is left of the step is time the device waits for the host: scheduling,
+    building the step's inputs, appending tokens (with asynchronous scheduling, only the part of it that
+    does not overlap the previous step). Optionally also writes a torch.profiler table of 5 steps.
     """
     engine = llm.engine
     runner = engine.runner
@@ -181,12 +182,12 @@ def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps
         raise RuntimeError(f"{engine.num_running} of {concurrency} requests are running; the cache or "
                            "max_num_seqs is too small for this breakdown")
     marks: list[tuple] = []
-    orig_execute = runner.execute
+    orig_launch = runner.launch
 
-    def execute(out):  # noqa: ANN001, ANN202
+    def launch(out):  # noqa: ANN001, ANN202
         e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         e[0].record()
-        orig_sample = runner.sampler.sample
+        orig_sample = runner.sampler.launch
 
         def sample(logits, requests):  # noqa: ANN001, ANN202
             e[1].record()
@@ -194,15 +195,15 @@ def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps
             e[2].record()
             return res
 
-        runner.sampler.sample = sample
+        runner.sampler.launch = sample
         try:
-            return orig_execute(out)
+            return orig_launch(out)
         finally:
-            runner.sampler.sample = orig_sample
+            runner.sampler.launch = orig_sample
             marks.append(tuple(e))
 
     if cuda:  # device-clock marks around the forward and the sampler
-        runner.execute = execute
+        runner.launch = launch
     wall = []
     try:
         for _ in range(steps):
@@ -222,7 +223,7 @@ def step_breakdown(llm: LLM, concurrency: int, input_len: int, vocab: int, steps
             profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
         running_at_end = engine.num_running
     finally:
-        runner.execute = orig_execute
+        runner.launch = orig_launch
         for rid in ids:
             engine.abort(rid)
     row = {"concurrency": concurrency, "steps": steps, "step_ms": 1e3 * statistics.median(wall),
@@ -264,10 +265,10 @@ def prefill_breakdown(llm: LLM, input_len: int, vocab: int, repeats: int, profil
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        steps = 0
+        launched_before = engine.num_steps
         while engine.has_unfinished_requests():
             engine.step()
-            steps += 1
+        steps = engine.num_steps - launched_before
         if cuda:
             torch.cuda.synchronize()
         if profiling:
@@ -311,6 +312,9 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--kv-cache-gib", type=float, default=None)
     ap.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--async-scheduling", choices=["default", "off", "on", "both"], default="default",
+                    help="launch each step before the previous step's tokens are read back (default: the engine's "
+                         "choice, on for GPUs); 'both' runs every variant each way ('-sync' names the synchronous one)")
     ap.add_argument("--baseline", action="store_true", help="also run transformers' generate")
     ap.add_argument("--baseline-concurrency", type=int, nargs="+", default=None)
     ap.add_argument("--breakdown", action="store_true",
@@ -388,18 +392,21 @@ def main() -> None:
 
 
     tokenizer = synthetic_tokenizer(config.vocab_size)
-    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    for use_compile in variants:
-        name = f"afm{'-compile' if use_compile else ''}"
+    compile_variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    async_variants = {"default": [None], "off": [False], "on": [True], "both": [True, False]}[args.async_scheduling]
+    variants = [(c, a) for c in compile_variants for a in async_variants]
+    for use_compile, use_async in variants:
+        name = f"afm{'-compile' if use_compile else ''}{'-sync' if use_async is False else ''}"
         try:
             t0 = time.time()
             llm = LLM(model=model, tokenizer=tokenizer, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_dtype=args.kv_cache_dtype, compile=use_compile, device=args.device,
+                      async_scheduling=use_async,
                       kv_cache_memory_gib=args.kv_cache_gib)
             e = llm.engine
             startup = time.time() - t0
-            info = {"startup_s": startup, "kv_capacity_tokens": e.kv_capacity_tokens,
+            info = {"startup_s": startup, "async_scheduling": e.async_scheduling, "kv_capacity_tokens": e.kv_capacity_tokens,
                     "max_concurrency_at_max_model_len": e.max_concurrency()}
             log(f"\n{name}: ready in {startup:.0f}s; KV cache {e.kv_capacity_tokens} tokens = "
                 f"{e.max_concurrency():.1f} concurrent requests of {args.max_model_len} tokens")
@@ -449,7 +456,7 @@ def main() -> None:
         save(args.out)
 
     # Ratios measured side by side in this run.
-    for name in ("afm", "afm-compile"):
+    for name in ("afm", "afm-compile", "afm-sync", "afm-compile-sync"):
         if name in RESULTS and "transformers" in RESULTS:
             base = {r["concurrency"]: r for r in RESULTS["transformers"]["runs"]}
             ratios = {r["concurrency"]: r["output_tok_s_total"] / base[r["concurrency"]]["output_tok_s_total"]

@@ -5,7 +5,8 @@
 #   OUT=runs/gpu bash bench/gpu_suite.sh          # on a GPU machine, from the repository root
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
 #
-# ENGINE_COMPILE=off|on|both picks the engine variants (default both); ENGINE_S, FP8_S and TRAIN_S are
+# ENGINE_COMPILE=off|on|both picks the engine variants (default both), ENGINE_ASYNC=default|on|off|both
+# whether they schedule asynchronously (default: the engine's choice, on); ENGINE_S, FP8_S and TRAIN_S are
 # the parts' time limits in seconds, 0 skipping a part (FP8_S=0 is the default; with ENGINE_COMPILE=on
 # ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
 set -u
@@ -31,7 +32,8 @@ cat "$OUT/machine.txt"
 # 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
 if [ "${ENGINE_S:-400}" -gt 0 ]; then
     timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" \
-        --baseline --breakdown --out "$OUT/engine" 2>&1 | tee "$OUT/engine.log"
+        --async-scheduling "${ENGINE_ASYNC:-default}" --baseline --breakdown --out "$OUT/engine" 2>&1 \
+        | tee "$OUT/engine.log"
 fi
 # 1b. Engine with the fp8 KV cache (half the bytes per token of context), compiled, no baseline.
 if [ "${FP8_S:-0}" -gt 0 ]; then

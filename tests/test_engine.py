@@ -70,8 +70,10 @@ def assert_runner_holds_nothing(engine):
     ],
     ids=["plain", "chunked-prefill", "preemption", "compiled-decode"],
 )
-def test_greedy_equals_naive_generation(model, tokenizer, engine_args):
-    llm = make_llm(model, tokenizer, max_model_len=160, max_num_seqs=36, **engine_args)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_greedy_equals_naive_generation(model, tokenizer, engine_args, async_scheduling):
+    llm = make_llm(model, tokenizer, max_model_len=160, max_num_seqs=36, async_scheduling=async_scheduling,
+                   **engine_args)
     prompts = mixed_prompts(36)
     lengths = [random.Random(i).randint(1, 24) for i in range(36)]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
@@ -124,6 +126,61 @@ def test_sampling_follows_the_distribution(model, tokenizer):
         counts[o.outputs[0].token_ids[0]] += 1
     top = probs.topk(5).indices
     assert torch.allclose(counts[top] / 2000, probs[top], atol=0.035)
+
+
+def test_async_scheduling_gives_the_same_outputs(model, tokenizer):
+    """Launching each step before the previous one's tokens are read back changes when outputs arrive (one
+    step later), not what they are: the same tokens, texts, finish reasons, stop reasons and logprobs as
+    the synchronous engine for requests that stop on EOS, stop strings and stop tokens mid-batch, with
+    min_tokens, n > 1, seeded AFM sampling with penalties, prompt logprobs and preemptions."""
+    base = make_llm(model, tokenizer, max_model_len=128).generate(
+        [[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    eos, stop_id, stop = base.token_ids[5], base.token_ids[3], base.text[4:7]
+    prompts = mixed_prompts(16, seed=9) + [[10, 11, 12]] * 4
+    afm = {"temperature": 0.5, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+    params = [SamplingParams(seed=i, max_tokens=5 + i, logprobs=2, **afm) for i in range(16)] + [
+        SamplingParams(temperature=0, max_tokens=30),  # ends on the pretend EOS
+        SamplingParams(temperature=0, max_tokens=30, min_tokens=8),  # ... but not before 8 tokens
+        SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True, prompt_logprobs=1),
+        SamplingParams(n=2, seed=3, max_tokens=12, stop_token_ids=[stop_id], ignore_eos=True, **afm),
+    ]
+
+    def run(async_scheduling):
+        llm = make_llm(model, tokenizer, max_model_len=128, block_size=4, num_kv_blocks=48,
+                       max_num_batched_tokens=40, async_scheduling=async_scheduling)
+        llm.engine.eos_token_ids = [eos]
+        outs = llm.generate(prompts, params)
+        assert_runner_holds_nothing(llm.engine)
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_usable_blocks
+        bm.check_invariants()
+        return outs, llm.engine
+
+    (sync_outs, sync_engine), (async_outs, async_engine) = run(False), run(True)
+    assert async_engine.scheduler.num_preemptions > 0 and sync_engine.scheduler.num_preemptions > 0
+
+    def summary(out):
+        return ([(o.token_ids, o.text, o.finish_reason, o.stop_reason,
+                  [(lp.token_id, round(lp.logprob, 6), lp.top) for lp in (o.logprobs or [])]) for o in out.outputs],
+                [None if lp is None else (lp.token_id, round(lp.logprob, 6)) for lp in (out.prompt_logprobs or [])])
+
+    assert [summary(o) for o in async_outs] == [summary(o) for o in sync_outs]
+    finish = {o.outputs[0].finish_reason for o in sync_outs}
+    assert finish == {"stop", "length"}
+
+
+def test_async_steps_report_the_previous_steps_tokens(model, tokenizer):
+    """With asynchronous scheduling a step returns what the step before it sampled: the first step of a
+    request returns nothing, and the request's last token arrives one step after it is sampled."""
+    llm = make_llm(model, tokenizer, max_model_len=64, async_scheduling=True)
+    engine = llm.engine
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    per_step = []
+    while engine.has_unfinished_requests():
+        per_step.append([t for out in engine.step() for t in out.outputs[0].delta_token_ids])
+    assert per_step[0] == [] and sum(per_step, []) == naive(model, [5, 6, 7], 3)
+    # Three tokens, the last one certain to end the request (max_tokens): no step computes a fourth.
+    assert engine.num_steps == 3 and len(per_step) == 4
 
 
 def test_stop_strings_tokens_and_lengths(model, tokenizer):
@@ -261,12 +318,15 @@ def test_batch_one_graph_is_kept_only_when_it_measures_faster(model, tokenizer, 
     assert runner.graphs[2] is padded
 
 
-def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer, async_scheduling):
     """The CUDA-graph decode path on the CPU: each "graph" replays its captured function eagerly, so the
-    input buffers, the padding to the ladder's sizes and the null-block rows are what is tested."""
+    input buffers, the padding to the ladder's sizes and the null-block rows are what is tested (with
+    asynchronous scheduling, also the tokens fed into the input buffer from the device)."""
     from afm.engine.model_runner import graph_batch_sizes
 
-    args = {"max_model_len": 160, "max_num_seqs": 12, "block_size": 4, "max_num_batched_tokens": 64}
+    args = {"max_model_len": 160, "max_num_seqs": 12, "block_size": 4, "max_num_batched_tokens": 64,
+            "async_scheduling": async_scheduling}
     prompts = mixed_prompts(12, seed=3)
     lengths = [3 + 2 * i for i in range(12)]  # requests leave one by one: batches of 12, 11, ..., 1
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=0) for n in lengths]
@@ -286,8 +346,9 @@ def test_graph_decode_path_pads_and_fills_its_buffers(model, tokenizer):
     assert_runner_holds_nothing(llm.engine)
 
 
-def test_abort_frees_blocks(model, tokenizer):
-    llm = make_llm(model, tokenizer, max_model_len=128)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_abort_frees_blocks(model, tokenizer, async_scheduling):
+    llm = make_llm(model, tokenizer, max_model_len=128, async_scheduling=async_scheduling)
     engine = llm.engine
     rid = engine.add_request("x", [1, 2, 3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
@@ -391,9 +452,12 @@ def test_async_engine_streams_and_aborts(model, tokenizer):
         engine.shutdown()
 
 
-def test_unwritten_cache_slots_never_leak_into_outputs(model, tokenizer):
-    """Poison the whole KV cache: every slot attention reads must have been written this run."""
-    llm = make_llm(model, tokenizer, max_model_len=160, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_unwritten_cache_slots_never_leak_into_outputs(model, tokenizer, async_scheduling):
+    """Poison the whole KV cache: every slot attention reads must have been written this run (with
+    asynchronous scheduling, stopped requests' extra tokens write into blocks freed under them)."""
+    llm = make_llm(model, tokenizer, max_model_len=160, block_size=4, num_kv_blocks=40, max_num_batched_tokens=32,
+                   async_scheduling=async_scheduling)
     for k, v in llm.engine.runner.kv_caches:
         k.fill_(float("nan"))
         v.fill_(float("nan"))
@@ -411,6 +475,8 @@ def test_compile_defaults_and_graph_ladder():
     assert not EngineConfig(enforce_eager=True).use_compile("cuda")
     assert EngineConfig(compile=True).use_compile("cpu") and not EngineConfig(compile=False).use_compile("cuda")
     assert EngineConfig().use_compile(torch.device("cuda"))
+    assert EngineConfig().use_async_scheduling("cuda") and not EngineConfig().use_async_scheduling("cpu")
+    assert EngineConfig(async_scheduling=True).use_async_scheduling("cpu")
     assert graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
     # A compiled forward treats a batch of one as its own shape: its ladder starts at 2.
     assert graph_batch_sizes(20, smallest=2) == [2, 4, 8, 16, 20]

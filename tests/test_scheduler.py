@@ -245,3 +245,37 @@ def test_persistent_block_tables_build_the_same_inputs_as_a_naive_loop(seed):
             tables.release(victim)
     assert saw_preemption and saw_decode_step
     assert sorted(tables.free_rows) == list(range(6)) and not tables.table.any()
+
+
+def test_async_steps_schedule_the_token_in_flight_and_stop_before_the_last():
+    """With a token in flight a request decodes it next (a placeholder input, filled on the device), is not
+    scheduled past a token certain to be its last, and offers its blocks to the prefix cache only once
+    the tokens filling them are known."""
+    sched, bm = make(block_size=4)
+    a = req("a", 7, max_tokens=3)
+    sched.add_request(a)
+    first = sched.schedule()  # the prefill samples token 1
+    assert [s.num_tokens for s in first.scheduled] == [7] and first.scheduled[0].samples
+    a.num_in_flight += 1
+    sched.advance(first)
+    second = sched.schedule()  # launched before token 1 is read back: it decodes that token
+    assert [(s.request, s.num_tokens, s.samples) for s in second.scheduled] == [(a, 1, True)]
+    inputs = BlockTables(8, 8, 4).build(second.scheduled)
+    assert inputs.input_ids.tolist() == [0] and inputs.positions.tolist() == [7]
+    assert inputs.in_flight_rows.tolist() == [0] and inputs.in_flight_requests == [a]
+    a.num_in_flight += 1
+    sched.advance(second)
+    a.output_token_ids.append(11)  # step 1's token arrives
+    a.num_in_flight -= 1
+    sched.register_computed_blocks(first)
+    assert a.num_registered_blocks == 2  # 8 computed tokens, all known: positions 0-7
+    third = sched.schedule()  # token 3 (in flight after this step) is the last of max_tokens 3
+    assert [(s.request, s.num_tokens) for s in third.scheduled] == [(a, 1)]
+    a.num_in_flight += 1
+    sched.advance(third)
+    a.output_token_ids.append(12)
+    a.num_in_flight -= 1
+    assert sched.schedule().is_empty  # its last token is in flight: nothing left to compute
+    sched.finish(a, RequestStatus.FINISHED_LENGTH)
+    sched.register_computed_blocks(third)  # finished since: nothing more to offer, nothing breaks
+    assert bm.num_free_blocks == bm.num_usable_blocks

@@ -30,6 +30,10 @@ class EngineConfig:
       when it measures faster at start-up. None (the default): on for GPUs unless `enforce_eager`, off on
       the CPU.
       Compilation adds a minute or two to start-up (cached on disk for the next start).
+    - `async_scheduling`: launch each step before the previous step's tokens are back on the host, so
+      that scheduling and bookkeeping overlap the device's work (outputs then trail by one step, and a
+      request that stops computes one token more, which is dropped). None (the default): on for GPUs,
+      off on the CPU, where the forward runs on the host itself and nothing would overlap.
     """
 
     max_model_len: int | None = None
@@ -46,12 +50,19 @@ class EngineConfig:
     device: str | None = None
     dtype: str | None = None
     max_graph_batch_size: int = 256
+    async_scheduling: bool | None = None
 
     def use_compile(self, device: str | object) -> bool:
         """Whether the engine compiles on `device` (a torch.device or its type name)."""
         if self.compile is not None:
             return self.compile
         return getattr(device, "type", device) == "cuda" and not self.enforce_eager
+
+    def use_async_scheduling(self, device: str | object) -> bool:
+        """Whether steps are launched before the previous step's tokens are read back, on `device`."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return getattr(device, "type", device) == "cuda"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

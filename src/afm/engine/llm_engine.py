@@ -1,7 +1,14 @@
 """The engine loop: admit requests, schedule a step, run it, turn sampled tokens into outputs.
 
-`LLMEngine` is synchronous and single-threaded; `afm.LLM` drives it for offline batches and
-`AsyncLLMEngine` runs it in a background thread for the server.
+`LLMEngine` is single-threaded; `afm.LLM` drives it for offline batches and `AsyncLLMEngine` runs it
+in a background thread for the server.
+
+With asynchronous scheduling (the default on GPUs) a step is launched before the previous one's tokens
+are read back: `step()` schedules and launches step N+1 (tokens still in flight are fed to it on the
+device), then waits for step N's tokens and turns them into outputs, so the host's scheduling, input
+building and bookkeeping overlap the device's work instead of leaving it idle between steps. Outputs
+come one step later; a request that stops (EOS, a stop string) has computed one token too many, which
+is dropped. Without it, `step()` launches a step and waits for it.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ import torch
 from afm.engine.block_manager import BlockManager
 from afm.engine.config import EngineConfig
 from afm.engine.detokenizer import IncrementalDetokenizer
-from afm.engine.model_runner import ModelRunner
+from afm.engine.model_runner import ModelRunner, PendingStep
 from afm.engine.request import Logprob, Request, RequestStatus
 from afm.engine.sampling_params import SamplingParams
-from afm.engine.scheduler import Scheduler, SchedulerConfig
+from afm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from afm.errors import ConfigError
 from afm.model.hf import load_pretrained, read_generation_config
 from afm.model.transformer import DTYPES, AFMForCausalLM
@@ -87,6 +94,15 @@ class _Group:
     prompt_logprobs: list[Logprob | None] | None = None  # built once, when the prompt has been scored
 
 
+@dataclass
+class _LaunchedStep:
+    """A step on the device, its tokens not yet read back."""
+
+    scheduled: SchedulerOutput
+    pending: PendingStep
+    scored: list[Request]  # max_tokens 0 requests whose prompt this step completes
+
+
 class LLMEngine:
     def __init__(self, model: AFMForCausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  generation_config: dict[str, Any] | None = None) -> None:
@@ -116,6 +132,8 @@ class LLMEngine:
         self.num_generation_tokens_total = 0
         self.num_steps = 0
         self.num_aborted = 0
+        self.async_scheduling = self.config.use_async_scheduling(model.device)
+        self._in_flight: _LaunchedStep | None = None
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -242,7 +260,11 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        if self.scheduler.has_unfinished():
+            return True
+        # A step still in flight matters while it carries a token of a request that has not ended.
+        launched = self._in_flight
+        return launched is not None and any(not r.is_finished for r in launched.pending.requests + launched.scored)
 
     @property
     def num_running(self) -> int:
@@ -256,18 +278,33 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; return an output for every streaming request that advanced and
-        every request that finished."""
+        every request that finished (with asynchronous scheduling: those of the previous step)."""
+        launched = self._launch()
+        if not self.async_scheduling:
+            return self._collect(launched) if launched is not None else []
+        previous, self._in_flight = self._in_flight, launched
+        return self._collect(previous) if previous is not None else []
+
+    def _launch(self) -> _LaunchedStep | None:
+        """Schedule a step and queue it on the device."""
         sched = self.scheduler.schedule()
+        pending = self.runner.launch(sched)  # (also releases what preempted requests held)
         if sched.is_empty:
-            return []
-        results = self.runner.execute(sched)
+            return None
         # Scoring-only requests (max_tokens 0) end when their prompt has been computed.
         scored = [s.request for s in sched.scheduled if s.request.sampling_params.max_tokens == 0 and s.samples]
-        self.scheduler.update_after_step(sched)
+        for r in pending.requests:
+            r.num_in_flight += 1
+        self.scheduler.advance(sched)
         self.num_steps += 1
+        return _LaunchedStep(sched, pending, scored)
+
+    def _collect(self, launched: _LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and turn them into outputs."""
+        results = launched.pending.results()
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        for r in scored:
+        for r in launched.scored:
             group = self.groups.get(r.group_id or "")
             if group is None or r.is_finished:
                 continue
@@ -275,11 +312,13 @@ class LLMEngine:
             touched[group.request_id] = group
         for res in results:
             r = res.request
+            r.num_in_flight -= 1
             group = self.groups.get(r.group_id or "")
             if group is None or r.is_finished:
-                continue
+                continue  # aborted, or stopped by the previous step's token: this one is dropped
             self._append_token(group, r, res.token_id, res.logprob, now)
             touched[group.request_id] = group
+        self.scheduler.register_computed_blocks(launched.scheduled)
         return [self._output(g) for g in touched.values() if g.stream or all(o.finished for o in g.outputs)]
 
     def _finish_scored(self, group: _Group, r: Request, now: float) -> None:

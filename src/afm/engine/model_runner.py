@@ -36,7 +36,7 @@ from afm.engine.attention import AttentionMetadata, PagedAttention
 from afm.engine.block_manager import NULL_BLOCK
 from afm.engine.config import EngineConfig
 from afm.engine.request import Logprob, Request
-from afm.engine.sampler import Sampler
+from afm.engine.sampler import PendingSample, Sampler
 from afm.engine.scheduler import SchedulerOutput
 from afm.engine.step_inputs import BlockTables, StepInputs
 from afm.engine.transfer import copy_to_device, to_device
@@ -123,6 +123,21 @@ class StepResult:
     request: Request
     token_id: int
     logprob: Logprob | None
+
+
+@dataclass
+class PendingStep:
+    """A launched step: the requests it samples for and their tokens on the way to the host."""
+
+    requests: list[Request]
+    sample: PendingSample | None
+
+    def results(self) -> list[StepResult]:
+        """Wait for the step's sampled tokens; one result per sampling request, in order."""
+        if self.sample is None:
+            return []
+        result = self.sample.result()
+        return [StepResult(r, t, lp) for r, t, lp in zip(self.requests, result.token_ids, result.logprobs, strict=True)]
 
 
 class ModelRunner:
@@ -290,10 +305,18 @@ class ModelRunner:
 
         Prompt logprobs computed this step are appended to their requests' `prompt_logprobs`.
         """
+        return self.launch(out).results()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> PendingStep:
+        """Queue one scheduled step on the device (forward and sampling); `results()` of the returned
+        object waits for its sampled tokens. Tokens still in flight from the previous step
+        (`Request.num_in_flight`) are fed to this one on the device. Prompt logprobs are computed, and
+        appended to their requests, before this returns."""
         for r in out.preempted:
             self.release(r)
         if out.is_empty:
-            return []
+            return PendingStep([], None)
         sampling, sample_rows, prompt_rows = logit_rows(out)
         decode_only = len(out.scheduled) == out.num_tokens
         graph_bs = self._graph_size(len(out.scheduled)) if decode_only else None
@@ -303,7 +326,9 @@ class ModelRunner:
         else:
             md = self._metadata(inputs)
             dev = self.device
-            ids_t = to_device(inputs.input_ids, dev)[None]
+            ids_t = to_device(inputs.input_ids, dev)
+            self._feed_in_flight(ids_t, inputs)
+            ids_t = ids_t[None]
             pos_t = to_device(inputs.positions, dev)[None]
             attention = PagedAttention(self.kv_caches, md, self.scale, self.use_triton)
             if decode_only and self.compile:
@@ -318,16 +343,25 @@ class ModelRunner:
             if prompt_rows:
                 self._prompt_logprobs(lambda rows: full[rows], prompt_rows)
             if not sample_rows:
-                return []
+                return PendingStep([], None)
             logits = full if len(sample_rows) == len(out.scheduled) else full[sample_rows]
         else:
             if prompt_rows:
                 self._prompt_logprobs(lambda rows: self.model.lm_head(hidden[rows]), prompt_rows)
             if not sample_rows:
-                return []
+                return PendingStep([], None)
             logits = self.model.lm_head(hidden[to_device(sample_rows, self.device)])
-        result = self.sampler.sample(logits.float(), sampling)
-        return [StepResult(r, t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=True)]
+        return PendingStep(sampling, self.sampler.launch(logits.float(), sampling))
+
+    def _feed_in_flight(self, input_ids: Tensor, inputs: StepInputs) -> None:
+        """Put the tokens still in flight (sampled by the previous step, not yet read back) into their rows
+        of `input_ids`, from the sampler's per-slot copy on the device."""
+        if inputs.in_flight_rows is None:
+            return
+        assert inputs.in_flight_requests is not None
+        slots = to_device([r.sampler_slot for r in inputs.in_flight_requests], self.device, torch.long)
+        rows = to_device(inputs.in_flight_rows, self.device)
+        input_ids.index_copy_(0, rows, self.sampler.last_tokens[slots])
 
     def _prompt_logprobs(self, logits_of: Callable[[Tensor], Tensor], plan: list[PromptLogprobRows]) -> None:
         """Score the planned prompt tokens (log-softmax over the whole vocabulary, as for sampled tokens)
@@ -480,6 +514,7 @@ class ModelRunner:
             return out
 
         copy_to_device(self.g_input_ids[:graph_bs], padded(inputs.input_ids, 0))
+        self._feed_in_flight(self.g_input_ids, inputs)
         copy_to_device(self.g_positions[:graph_bs], padded(inputs.positions, 0))
         copy_to_device(self.g_slot_mapping[:graph_bs], padded(inputs.slot_mapping, NULL_BLOCK * self.block_size))
         copy_to_device(self.g_seq_lens[:graph_bs], padded(inputs.seq_lens, 1))

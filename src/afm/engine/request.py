@@ -59,6 +59,9 @@ class Request:
     sampling_seed: int = 0
     sampler_slot: int | None = None  # the sampler's statistics row, while the request runs
     block_table_row: int | None = None  # the model runner's block-table row, while the request runs
+    # With asynchronous scheduling: 1 while a token sampled for it is still on the device (its step has
+    # been launched, not yet collected). The next step feeds that token from the device.
+    num_in_flight: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -81,6 +84,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_in_flight(self) -> int:
+        """Its tokens once the one in flight (if any) is known: where the scheduler's next step ends."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_in_flight
 
     @property
     def all_token_ids(self) -> list[int]:

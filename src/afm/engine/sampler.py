@@ -20,7 +20,7 @@ long-lived requests needs:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from afm.engine.sampling import (
     apply_repetition_penalty,
     apply_temperature,
 )
-from afm.engine.transfer import to_device
+from afm.engine.transfer import to_device, to_host
 
 _MASK32 = 0xFFFFFFFF
 
@@ -135,6 +135,40 @@ class SamplerOutput:
     logprobs: list[Logprob | None]
 
 
+@dataclass
+class PendingSample:
+    """A step's sampled tokens (and log-probabilities) on their way to the host: `Sampler.launch` queues
+    the copies, `result()` waits for them, so the host can prepare the next step in between."""
+
+    tokens: Tensor  # (B,) int64, host (pinned) once the copy has run
+    logprob_rows: list[int] = field(default_factory=list)  # rows that asked for logprobs
+    logprob_counts: list[int] = field(default_factory=list)  # how many alternatives each of them wants
+    chosen: Tensor | None = None  # (R,) the sampled tokens' logprobs
+    top_vals: Tensor | None = None  # (R, k) the best alternatives
+    top_ids: Tensor | None = None
+    done: torch.cuda.Event | None = None
+
+    def mark_launched(self) -> None:
+        """Record, on a GPU, the point after the copies: `result()` waits for it (and nothing later)."""
+        if self.tokens.is_pinned():
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def result(self) -> SamplerOutput:
+        if self.done is not None:
+            self.done.synchronize()
+        token_list = self.tokens.tolist()
+        logprob_out: list[Logprob | None] = [None] * len(token_list)
+        if self.chosen is not None:
+            chosen = self.chosen.tolist()
+            vals = self.top_vals.tolist() if self.top_vals is not None else None
+            ids = self.top_ids.tolist() if self.top_ids is not None else None
+            for j, (i, n) in enumerate(zip(self.logprob_rows, self.logprob_counts, strict=True)):
+                top = list(zip(ids[j][:n], vals[j][:n], strict=True)) if n and ids and vals else []
+                logprob_out[i] = Logprob(token_list[i], chosen[j], top)
+        return SamplerOutput(token_list, logprob_out)
+
+
 class Sampler:
     """Samples one token for each request of a batch; keeps per-request statistics in slots.
 
@@ -150,6 +184,8 @@ class Sampler:
         self.max_slots = max_slots
         self.prompt_mask = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(max_slots, vocab_size, dtype=torch.int32, device=device)
+        # Each slot's newest sampled token, on the device: the next step's input while it is in flight.
+        self.last_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.free_slots = list(range(max_slots - 1, -1, -1))
         # Each slot's sampling parameters, written once when a request takes the slot, so that a step
         # gathers its rows' parameters with numpy indexing instead of a loop over requests:
@@ -230,13 +266,19 @@ class Sampler:
     @torch.no_grad()
     def sample(self, logits: Tensor, requests: list[Request]) -> SamplerOutput:
         """`logits` (B, V) float32 raw model outputs, one row per request, in order."""
+        return self.launch(logits, requests).result()
+
+    def launch(self, logits: Tensor, requests: list[Request]) -> PendingSample:
+        """Queue the sampling of one token per row of `logits` on the device; `result()` of the returned
+        object waits for the tokens. A request's token counts include those still in flight
+        (`Request.num_in_flight`), so that seeds, min_tokens and penalties see the right step."""
         for r in requests:
             if r.sampler_slot is None:
                 self._assign_slot(r)
         B = logits.shape[0]
         dev = logits.device
         slots = [r.sampler_slot for r in requests]
-        steps = [len(r.output_token_ids) for r in requests]
+        steps = [len(r.output_token_ids) + r.num_in_flight for r in requests]
         ints = self.slot_ints[slots]
         ints[:, 2] = steps
         floats = self.slot_floats[slots]
@@ -278,19 +320,18 @@ class Sampler:
             bool(sampling),
             unfiltered_rows,
         )
-
-        token_list = tokens.tolist()
         self.output_counts.index_put_(
             (ints_t[:, 0], tokens), torch.ones(B, dtype=torch.int32, device=dev), accumulate=True
         )
-        logprob_out: list[Logprob | None] = [None] * B
+        self.last_tokens.index_copy_(0, ints_t[:, 0], tokens)
+        pending = PendingSample(to_host(tokens))
         if raw_logprobs is not None:
-            rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
-            idx = to_device(rows, dev, torch.long)
-            chosen = raw_logprobs[idx, tokens[idx]].tolist()
-            top_vals, top_ids = (raw_logprobs[idx].topk(logprobs_k, dim=-1) if logprobs_k > 0 else (None, None))
-            for j, i in enumerate(rows):
-                n = requests[i].sampling_params.logprobs or 0
-                top = list(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)) if n else []
-                logprob_out[i] = Logprob(token_list[i], chosen[j], top)
-        return SamplerOutput(token_list, logprob_out)
+            pending.logprob_rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+            pending.logprob_counts = [requests[i].sampling_params.logprobs or 0 for i in pending.logprob_rows]
+            idx = to_device(pending.logprob_rows, dev, torch.long)
+            pending.chosen = to_host(raw_logprobs[idx, tokens[idx]])
+            if logprobs_k > 0:
+                top_vals, top_ids = raw_logprobs[idx].topk(logprobs_k, dim=-1)
+                pending.top_vals, pending.top_ids = to_host(top_vals), to_host(top_ids)
+        pending.mark_launched()
+        return pending

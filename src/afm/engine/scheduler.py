@@ -7,6 +7,13 @@ while the budget, `max_num_seqs` and the free blocks allow. When a running reque
 none is free, the newest running request is preempted: its blocks are freed, it keeps the tokens it
 has generated, and it goes back to the front of the waiting queue to be recomputed (often largely from
 the prefix cache).
+
+With asynchronous scheduling the engine schedules the next step while the previous one still runs on
+the device: a request whose sampled token is not yet known (`Request.num_in_flight`) is scheduled to
+decode that token (the model runner feeds it from the device), unless it is certain to end with it
+(max_tokens or the model's context); a request that turns out to have stopped has its extra token
+dropped. The scheduler then advances requests when a step is launched (`advance`) and offers their
+full blocks to the prefix cache when the step's tokens are known (`register_computed_blocks`).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ class ScheduledRequest:
 
     @property
     def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens, so a new token is sampled."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        """Whether this step reaches the end of the request's tokens, so a new token is sampled (read it
+        before the step is launched: `Scheduler.advance` moves `num_computed_tokens` on)."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens_with_in_flight
 
 
 @dataclass
@@ -129,7 +137,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(request.num_tokens_with_in_flight - request.num_computed_tokens, budget)
+            if n == 0 or self._ends_with_in_flight_token(request):
+                i += 1  # nothing to compute before its last token is known
+                continue
             while not bm.allocate(request, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -159,8 +170,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def _ends_with_in_flight_token(self, request: Request) -> bool:
+        """Whether the token in flight is certain to be the request's last (max_tokens or the context)."""
+        if not request.num_in_flight:
+            return False
+        max_tokens = request.sampling_params.max_tokens or 0
+        return (request.num_output_tokens + request.num_in_flight >= max_tokens
+                or request.num_tokens_with_in_flight >= self.config.max_model_len)
+
     def update_after_step(self, output: SchedulerOutput) -> None:
         """Advance each scheduled request past the tokens computed this step and share its full blocks."""
+        self.advance(output)
+        self.register_computed_blocks(output)
+
+    def advance(self, output: SchedulerOutput) -> None:
+        """Move each scheduled request past the tokens this step computes (when it is launched)."""
         for s in output.scheduled:
             s.request.num_computed_tokens += s.num_tokens
-            self.block_manager.cache_full_blocks(s.request)
+
+    def register_computed_blocks(self, output: SchedulerOutput) -> None:
+        """Offer the full blocks of the step's requests to the prefix cache, once their tokens are known
+        (a request preempted or finished since the step was launched has no blocks to offer)."""
+        for s in output.scheduled:
+            if s.request.status == RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(s.request)

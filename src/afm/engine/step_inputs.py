@@ -6,6 +6,10 @@ of running requests persist between steps, one row per request (vLLM's "persiste
 step appends a block to a request once every `block_size` tokens, and only then is its row written.
 Everything else (positions, cache slots, sequence lengths) is derived from those rows and two small
 integer vectors.
+
+With asynchronous scheduling a request's newest token may still be on the device (`num_in_flight`):
+its input id is then a placeholder, and `in_flight_rows` says which input rows the model runner fills
+from the device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class StepInputs:
     block_tables: np.ndarray  # (S, width) int32, NULL_BLOCK past each request's blocks
     max_query_len: int
     max_seq_len: int
+    # Rows of `input_ids` whose token is still on the device, and the scheduled requests they belong to.
+    in_flight_rows: np.ndarray | None = None  # (F,) int64
+    in_flight_requests: list[Request] | None = None
 
     @property
     def num_requests(self) -> int:
@@ -85,10 +92,12 @@ class BlockTables:
         width = max(self.num_blocks[r] for r in rows)
         tables = self.table[rows, :width]
         starts = np.array(starts_list, dtype=np.int64)
+        in_flight = [i for i, s in enumerate(scheduled) if s.request.num_in_flight]
         if total == S:  # decode: one token per request, the last one it has
             positions = starts
-            input_ids = np.array([s.request.token_id(p) for s, p in zip(scheduled, starts_list, strict=True)],
-                                 dtype=np.int64)
+            # (0 stands for a token still on the device.)
+            input_ids = np.array([s.request.token_id(p) if p < s.request.num_tokens else 0
+                                  for s, p in zip(scheduled, starts_list, strict=True)], dtype=np.int64)
             token_rows = np.arange(S)
             qsl = np.arange(S + 1, dtype=np.int32)
             seq_lens = starts + 1
@@ -99,8 +108,10 @@ class BlockTables:
             np.cumsum(counts, out=offsets[1:])
             token_rows = np.repeat(np.arange(S), counts)
             positions = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets[:-1], counts)
+            # A request with a token in flight decodes exactly that token: one placeholder.
             input_ids = np.fromiter(
-                (t for s, p in zip(scheduled, starts_list, strict=True) for t in s.request.token_slice(p, p + s.num_tokens)),
+                (t for s, p in zip(scheduled, starts_list, strict=True)
+                 for t in (s.request.token_slice(p, p + s.num_tokens) if not s.request.num_in_flight else (0,))),
                 dtype=np.int64, count=total,
             )
             qsl = offsets.astype(np.int32)
@@ -117,4 +128,6 @@ class BlockTables:
             block_tables=tables,
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
+            in_flight_rows=qsl[in_flight].astype(np.int64) if in_flight else None,
+            in_flight_requests=[scheduled[i].request for i in in_flight] if in_flight else None,
         )

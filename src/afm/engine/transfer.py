@@ -34,3 +34,9 @@ def to_device(data: np.ndarray | Sequence[int] | Sequence[float] | Tensor, devic
 def copy_to_device(dst: Tensor, src: np.ndarray) -> None:
     """Fill device tensor `dst` from host array `src`, without waiting for queued GPU work."""
     dst.copy_(staged(torch.from_numpy(src), dst.device), non_blocking=True)
+
+
+def to_host(t: Tensor) -> Tensor:
+    """`t` on the host without waiting for queued GPU work: the copy lands in pinned memory when the
+    device gets to it, so read the result only after an event recorded after this call has completed."""
+    return t if t.device.type == "cpu" else t.to("cpu", non_blocking=True)
