@@ -102,6 +102,18 @@ def test_prefix_cache_computes_a_shared_prompt_once(model, tokenizer):
     assert outs[0].outputs[0].token_ids == naive(model, system + [9, 10], 2)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_finished_conversation_is_reused_by_its_next_turn(model, tokenizer, async_scheduling):
+    """The blocks a request completes in its last step are in the prefix cache when it ends: a next turn
+    (prompt + answer + more) reuses every full block of it."""
+    llm = make_llm(model, tokenizer, max_model_len=64, block_size=4, async_scheduling=async_scheduling)
+    prompt = list(range(20, 33))  # 13 tokens
+    answer = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0]
+    # 13 + 8 tokens, of which the last has no keys and values yet: 20 computed, 5 full blocks.
+    turn = llm.generate([prompt + answer.token_ids + [7, 8]], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert turn.metrics.num_cached_tokens == 20
+
+
 def test_seed_reproduces_whatever_shares_the_batch(model, tokenizer):
     llm = make_llm(model, tokenizer, max_model_len=128)
     p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)

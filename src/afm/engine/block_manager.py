@@ -100,10 +100,12 @@ class BlockManager:
         return found
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's newly completed blocks in the prefix cache."""
+        """Register the request's newly completed blocks in the prefix cache: blocks whose keys and values
+        are computed (or queued on the device) and whose tokens are known (with asynchronous scheduling a
+        computed position may hold a token still in flight)."""
         if not self.enable_prefix_caching:
             return
-        n_full = request.num_computed_tokens // self.block_size
+        n_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         if n_full <= request.num_registered_blocks:
             return
         self._extend_hashes(request, n_full)

@@ -302,6 +302,8 @@ class LLMEngine:
     def _collect(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
         results = launched.pending.results()
+        # Before any of them can finish below (which frees their blocks): their computed full blocks.
+        self.scheduler.register_computed_blocks(launched.scheduled)
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         for r in launched.scored:
@@ -318,7 +320,6 @@ class LLMEngine:
                 continue  # aborted, or stopped by the previous step's token: this one is dropped
             self._append_token(group, r, res.token_id, res.logprob, now)
             touched[group.request_id] = group
-        self.scheduler.register_computed_blocks(launched.scheduled)
         return [self._output(g) for g in touched.values() if g.stream or all(o.finished for o in g.outputs)]
 
     def _finish_scored(self, group: _Group, r: Request, now: float) -> None:

@@ -13,7 +13,8 @@ the device: a request whose sampled token is not yet known (`Request.num_in_flig
 decode that token (the model runner feeds it from the device), unless it is certain to end with it
 (max_tokens or the model's context); a request that turns out to have stopped has its extra token
 dropped. The scheduler then advances requests when a step is launched (`advance`) and offers their
-full blocks to the prefix cache when the step's tokens are known (`register_computed_blocks`).
+full blocks to the prefix cache when the step is collected (`register_computed_blocks`), up to the
+tokens known by then.
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_tokens
 
     def register_computed_blocks(self, output: SchedulerOutput) -> None:
-        """Offer the full blocks of the step's requests to the prefix cache, once their tokens are known
-        (a request preempted or finished since the step was launched has no blocks to offer)."""
+        """Offer the full blocks of the step's requests whose tokens are known to the prefix cache (a
+        request preempted or finished since the step was launched has no blocks to offer)."""
         for s in output.scheduled:
             if s.request.status == RequestStatus.RUNNING:
                 self.block_manager.cache_full_blocks(s.request)
