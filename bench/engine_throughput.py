@@ -126,6 +126,22 @@ def run_afm(llm: LLM, concurrency: int, input_len: int, output_len: int, vocab: 
     }
 
 
+def async_matches_sync(llm: LLM, vocab: int) -> bool:
+    """Whether the engine's asynchronous steps give exactly the tokens its synchronous ones give: seeded
+    AFM sampling for requests of different lengths (so requests leave the batch mid-run), one way and
+    then the other on the same engine."""
+    prompts = random_prompts(8, 64, vocab, seed=5)
+    params = [SamplingParams(temperature=0.5, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=i,
+                             max_tokens=8 + 4 * i, ignore_eos=True, detokenize=False) for i in range(8)]
+    engine = llm.engine
+    runs = []
+    for mode in (True, False):
+        engine.async_scheduling = mode
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+    engine.async_scheduling = engine.config.use_async_scheduling(engine.model.device)
+    return runs[0] == runs[1]
+
+
 def run_transformers(model, concurrency: int, input_len: int, output_len: int, vocab: int, seed: int) -> dict:
     prompts = torch.tensor(random_prompts(concurrency, input_len, vocab, seed), device=model.device)
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=True, temperature=0.5,
@@ -418,6 +434,9 @@ def main() -> None:
             # Warm-up: compiles every kernel variant (a lone request too: batch 1 is its own compilation).
             run_afm(llm, 16, args.input_len, 8, config.vocab_size, seed=99)
             run_afm(llm, 1, args.input_len, 4, config.vocab_size, seed=98)
+            if e.async_scheduling:
+                info["async_matches_sync"] = async_matches_sync(llm, config.vocab_size)
+                log(f"  asynchronous and synchronous steps give the same tokens: {info['async_matches_sync']}")
             rows = []
             for c in args.concurrency:
                 r = run_afm(llm, c, args.input_len, args.output_len, config.vocab_size, seed=c)
