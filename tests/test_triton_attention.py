@@ -243,3 +243,26 @@ def test_long_sequences(dtype):
     batch = _make_batch([(1100, 1), (0, 24), (600, 8)], 10, 2, 128, 16, dtype)
     _check(batch, None)
     _check(batch, 5)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_one_launch_kv_write_equals_index_copy(cache_dtype):
+    """`write_kv_triton` stores what `write_kv` stores: keys and values given as views into a packed q/k/v
+    projection output (strided rows), GQA heads, a head_dim that is not a power of two, slots scattered
+    over the cache, one slot in the null block; nothing else in the cache changes."""
+    from afm.engine.triton_attention import write_kv_triton
+
+    gen = torch.Generator().manual_seed(3)
+    tokens, q_heads, kv_heads, head_dim, blocks, block_size = 7, 6, 3, 40, 9, 4
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * head_dim, generator=gen).to(cache_dtype)
+    _, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    k, v = k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    slots[-1] = 2  # a padded row's write into the reserved null block
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=gen).to(cache_dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    write_kv(k, v, *expected, slots)
+    got = [c.to(DEVICE) for c in caches]
+    write_kv_triton(k.to(DEVICE), v.to(DEVICE), *got, slots.to(DEVICE))
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.cpu(), e)

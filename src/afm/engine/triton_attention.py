@@ -278,6 +278,41 @@ def _launch_config(group: int, head_dim: int, max_query_len: int, dtype: torch.d
                          num_stages=2)
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     k_stride_t, k_stride_h, v_stride_t, v_stride_h,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEADS_POW2: tl.constexpr, DIM_POW2: tl.constexpr):
+    """Token program_id(0)'s keys and values (all KV heads) into its cache slot."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, HEADS_POW2)[:, None]
+    d = tl.arange(0, DIM_POW2)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + d
+    k = tl.load(k_ptr + t * k_stride_t + h * k_stride_h + d, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * v_stride_t + v_stride_h * h + d, mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_triton(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """What `afm.engine.attention.write_kv` does, in one kernel launch for keys and values together
+    (two `index_copy_` otherwise: at batch 1 the launches, not the bytes, are the cost). `k` and `v` are
+    (T, Hkv, D) with unit stride over D (a view into the q/k/v projection's output will do); the caches
+    (blocks, block_size, Hkv, D) contiguous, of a 16- or 32-bit dtype."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("write_kv_triton: keys and values need unit stride over head_dim, caches contiguous")
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads), DIM_POW2=triton.next_power_of_2(head_dim),
+    )
+
+
 def default_num_splits(num_programs: int, max_seq_len: int) -> int:
     """KV splits so that num_programs * splits roughly fills the GPU, if the sequences are long enough.
 
