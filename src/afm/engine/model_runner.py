@@ -300,19 +300,11 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[StepResult]:
-        """Run one scheduled step; return a sampled token for every request that reached its end.
-
-        Prompt logprobs computed this step are appended to their requests' `prompt_logprobs`.
-        """
-        return self.launch(out).results()
-
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> PendingStep:
         """Queue one scheduled step on the device (forward and sampling); `results()` of the returned
-        object waits for its sampled tokens. Tokens still in flight from the previous step
-        (`Request.num_in_flight`) are fed to this one on the device. Prompt logprobs are computed, and
-        appended to their requests, before this returns."""
+        object waits for a sampled token of every request that reached its end. Tokens still in flight
+        from the previous step (`Request.num_in_flight`) are fed to this one on the device. Prompt
+        logprobs are computed, and appended to their requests' `prompt_logprobs`, before this returns."""
         for r in out.preempted:
             self.release(r)
         if out.is_empty:

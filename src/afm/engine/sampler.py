@@ -242,7 +242,7 @@ class Sampler:
             self.free_slots.append(request.sampler_slot)
             request.sampler_slot = None
 
-    @torch.inference_mode()  # as in `ModelRunner.execute`: the compiled code is specific to the grad mode
+    @torch.inference_mode()  # as in `ModelRunner.launch`: the compiled code is specific to the grad mode
     def warm_up(self, logits_dtype: torch.dtype = torch.float32) -> None:
         """Compile ahead of the first requests: greedy and filtered sampling (AFM's defaults), for a
         batch of one and of several (a batch of one is its own compilation), and a batch mixing filtered

@@ -138,11 +138,11 @@ def preferred_sdpa_backends(device: torch.device) -> list[SDPBackend] | None:
     """The SDPA kernels to try first for training on `device`, or None for PyTorch's own order.
 
     On Hopper (compute capability 9.0) with cuDNN >= 9.15.1: cuDNN's fused attention first, then
-    PyTorch's order. Its forward and backward run 1.7-2.3x faster than the FlashAttention-2 kernel
-    PyTorch ships, which older releases try first (transformers PR 48163's measurements on H100s;
-    tritonbench: 631 against 329 TFLOP/s at 4608 tokens, head_dim 128). Newer PyTorch releases make the
-    same choice by themselves; elsewhere cuDNN is not faster and PyTorch's order stands. Shapes cuDNN
-    cannot serve fall through to the next kernel, as SDPA does by itself.
+    PyTorch's order. Published H100 measurements put its forward and backward at 1.7-2.3x the
+    FlashAttention-2 kernel that PyTorch ships and that older releases try first (631 against 329
+    TFLOP/s at 4608 tokens, head_dim 128, in one of them); newer PyTorch releases make the same choice
+    by themselves. Elsewhere cuDNN is not faster and PyTorch's order stands. Shapes cuDNN cannot serve
+    fall through to the next kernel, as SDPA does by itself. Not yet measured on afm's training step.
     """
     if device.type != "cuda" or not torch.backends.cudnn.is_available():
         return None
