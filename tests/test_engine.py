@@ -535,3 +535,27 @@ def test_host_to_device_copies_do_not_wait_for_queued_gpu_work():
     torch.cuda.synchronize()
     assert waited < 0.1, f"the host waited {waited:.3f} s for queued GPU work"
     assert x.tolist() == list(range(8)) and buffer.tolist() == list(range(8, 16)) and y.tolist() == [3, 1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: on the CPU nothing is queued")
+def test_collecting_a_step_waits_for_it_and_not_for_the_next():
+    """Asynchronous scheduling on a GPU: reading a launched step's sampled tokens waits for that step's
+    copies, not for work queued after them (the next step's forward), and the tokens are right."""
+    import time
+
+    from afm.engine.request import Request
+    from afm.engine.sampler import Sampler
+
+    dev = torch.device("cuda")
+    sampler = Sampler(1000, 4, dev)
+    logits = torch.full((2, 1000), -10.0, device=dev)
+    logits[0, 17], logits[1, 423] = 10.0, 10.0
+    rows = [Request(f"r{i}", [1, 2], SamplingParams(temperature=0, max_tokens=4)) for i in range(2)]
+    pending = sampler.launch(logits, rows)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued after the step
+    t0 = time.perf_counter()
+    tokens = pending.result().token_ids
+    waited = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert tokens == [17, 423]
+    assert waited < 0.5, f"collecting the step waited {waited:.3f} s for work queued after it"
