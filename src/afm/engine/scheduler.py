@@ -139,7 +139,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens_with_in_flight - request.num_computed_tokens, budget)
-            if n == 0 or self._ends_with_in_flight_token(request):
+            if n == 0 or (request.num_in_flight and self._ends_with_in_flight_token(request)):
                 i += 1  # nothing to compute before its last token is known
                 continue
             while not bm.allocate(request, n):
@@ -173,8 +173,6 @@ class Scheduler:
 
     def _ends_with_in_flight_token(self, request: Request) -> bool:
         """Whether the token in flight is certain to be the request's last (max_tokens or the context)."""
-        if not request.num_in_flight:
-            return False
         max_tokens = request.sampling_params.max_tokens or 0
         return (request.num_output_tokens + request.num_in_flight >= max_tokens
                 or request.num_tokens_with_in_flight >= self.config.max_model_len)
