@@ -211,8 +211,8 @@ class ModelRunner:
     def _prefill_regions(self) -> list[nn.Module]:
         """The modules that steps with prefill tokens run compiled (see `_compile_prefill_regions`)."""
         model = self.model.model
-        return [model.norm, *(m for layer in model.layers
-                              for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp))]
+        return [model.norm, *(m for layer in model.layers for m in (layer.input_layernorm, layer.self_attn.rotate,
+                                                                     layer.post_attention_layernorm, layer.mlp))]
 
     def _drop_compilation(self) -> None:
         self.compile = False
@@ -226,16 +226,22 @@ class ModelRunner:
     @torch.inference_mode()
     def _compile_prefill_regions(self) -> None:
         """Steps with prefill tokens run the model eagerly (their shapes vary too much for one graph), but
-        at thousands of tokens the norms and the ReLU² between the MLP's matmuls are most of the memory
-        traffic outside the matmuls: those modules run compiled (one small compilation each, shared by
-        every layer; the decode forward's compilation traces through them)."""
+        at thousands of tokens the norms, the rotary embedding of queries and keys and the ReLU² between
+        the MLP's matmuls are most of the memory traffic outside the matmuls: those modules run compiled
+        (one small compilation each, shared by every layer; the decode forward's compilation traces
+        through them)."""
         for module in self._prefill_regions():
             module.compile(dynamic=True)
-        model = self.model.model
+        mc = self.model.config
+        layer = self.model.model.layers[0]
         # Compile now rather than at the first prefill (a step always has two or more tokens here).
-        x = torch.zeros(1, 2, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
-        model.layers[0].input_layernorm(x)
-        model.layers[0].mlp(x)
+        x = torch.zeros(1, 2, mc.hidden_size, dtype=self.dtype, device=self.device)
+        layer.input_layernorm(x)
+        layer.mlp(x)
+        q = torch.zeros(1, 2, mc.num_attention_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        k = torch.zeros(1, 2, mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        cos = torch.ones(1, 2, mc.head_dim, dtype=self.dtype, device=self.device)
+        layer.self_attn.rotate(q, k, cos, cos)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
 

@@ -118,6 +118,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+class RotateQueriesAndKeys(nn.Module):
+    """`apply_rope` on queries and keys together. A module of its own (it has no parameters) so that
+    the engine can compile it for prefill steps: eagerly, rotating is six passes over q and six over k
+    (the products, the half swap, its negation, the sum), compiled it is one read and one write of each."""
+
+    def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 class AttentionBackend(Protocol):
     """The seam where attention is computed; the engine plugs its paged-KV-cache attention in here.
 
@@ -215,6 +224,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv_dim, bias=False)
         self.v_proj = nn.Linear(h, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, h, bias=False)
+        self.rotate = RotateQueriesAndKeys()
         # Set by `pack_qkv` for inference: the three projection matrices stacked into one.
         self.qkv_weight: Tensor | None = None
 
@@ -259,7 +269,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
 
