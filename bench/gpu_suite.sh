@@ -6,8 +6,8 @@
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
 #
 # ENGINE_COMPILE=off|on|both picks the engine variants (default both), ENGINE_ASYNC=default|on|off|both
-# whether they schedule asynchronously (default: the engine's choice, on); ENGINE_S, FP8_S and TRAIN_S are
-# the parts' time limits in seconds, 0 skipping a part (FP8_S=0 is the default; with ENGINE_COMPILE=on
+# whether they schedule asynchronously (default: the engine's choice, on); TESTS_S, ENGINE_S, FP8_S and TRAIN_S
+# are the parts' time limits in seconds, 0 skipping a part (FP8_S=0 is the default; with ENGINE_COMPILE=on
 # ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
 set -u
 OUT=${OUT:-runs/gpu-suite}
@@ -19,16 +19,33 @@ if [ "${1:-}" = "--tiny" ]; then
             --kv-cache-gib 0.2 --baseline-concurrency 1 8)
     TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu
            --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
+    SAMPLER=(--batch 1 16 --vocab 4096 --repeats 3 --device cpu)
+    ROTARY=(--tokens 256 --repeats 3 --device cpu)
     echo "cpu dry run" > "$OUT/machine.txt"
 else
     ENGINE=(--preset afm-4.5b --concurrency 1 16 64 250 --kv-cache-gib 40 --baseline-concurrency 1 250)
     TRAIN=(--layers 36 --seq 4096 --batch 1 --steps 10 --warmup 3
            --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
+    SAMPLER=(--batch 1 16 256 --compile)
+    ROTARY=(--tokens 8192)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/machine.txt"
 fi
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" >> "$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
+# 0. The tests that need a GPU (the engine's host-device overlap, the Triton kernels compiled for this card
+#    against their references), when pytest is installed; then the small kernel benchmarks.
+if [ "${TESTS_S:-150}" -gt 0 ]; then
+    if $PY -c "import pytest" 2>/dev/null; then
+        { TRITON_INTERPRET=0 timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py
+          timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_engine.py -k "copies or collecting"; } 2>&1 \
+            | tail -30 | tee "$OUT/tests.log"
+    else
+        echo "pytest is not installed: GPU tests skipped" | tee "$OUT/tests.log"
+    fi
+    timeout 120 $PY bench/sampler_throughput.py "${SAMPLER[@]}" 2>&1 | tee "$OUT/sampler.log"
+    timeout 120 $PY bench/rotary_prefill.py "${ROTARY[@]}" 2>&1 | tee "$OUT/rotary.log"
+fi
 # 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
 if [ "${ENGINE_S:-400}" -gt 0 ]; then
     timeout "${ENGINE_S:-400}" $PY bench/engine_throughput.py "${ENGINE[@]}" --compile "${ENGINE_COMPILE:-both}" \
