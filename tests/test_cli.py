@@ -87,3 +87,15 @@ def test_terminal_chat(micro):
     assert r.stdout.count("afm> ") == 2
     assert "(conversation reset)" in r.stdout and "(system prompt set; conversation reset)" in r.stdout
     assert "commands: /reset" in r.stdout
+
+
+def test_engine_flags_reach_the_engine_config():
+    from afm.cli import _engine_args, build_parser
+    from afm.engine.config import EngineConfig
+
+    args = build_parser().parse_args(["serve", "some/model", "--no-async-scheduling", "--no-compile",
+                                      "--max-num-seqs", "8"])
+    config = EngineConfig.from_kwargs(**_engine_args(args))
+    assert (config.async_scheduling, config.compile, config.max_num_seqs) == (False, False, 8)
+    defaults = EngineConfig.from_kwargs(**_engine_args(build_parser().parse_args(["serve", "some/model"])))
+    assert defaults.async_scheduling is None and defaults.use_async_scheduling("cuda")

@@ -229,6 +229,7 @@ def _engine_args(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "enforce_eager": args.enforce_eager,
         "compile": args.compile,
+        "async_scheduling": args.async_scheduling,
     }
     return {k: v for k, v in out.items() if v is not None}
 
@@ -248,6 +249,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decode step and the sampler (default: on for GPUs unless "
                         "--enforce-eager; --no-compile starts faster)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before the previous step's tokens are read back, overlapping host and "
+                        "device work (default: on for GPUs, off on the CPU)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
