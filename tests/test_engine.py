@@ -195,6 +195,18 @@ def test_async_steps_report_the_previous_steps_tokens(model, tokenizer):
     assert engine.num_steps == 3 and len(per_step) == 4
 
 
+def test_turning_async_scheduling_off_mid_run_loses_no_token(model, tokenizer):
+    """Switching to synchronous steps with a step in flight collects that step first."""
+    llm = make_llm(model, tokenizer, max_model_len=64, async_scheduling=True)
+    engine = llm.engine
+    engine.add_request("a", [5, 6, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    tokens = [t for _ in range(3) for out in engine.step() for t in out.outputs[0].delta_token_ids]
+    engine.async_scheduling = False
+    while engine.has_unfinished_requests():
+        tokens += [t for out in engine.step() for t in out.outputs[0].delta_token_ids]
+    assert tokens == naive(model, [5, 6, 7], 6) and engine._in_flight is None
+
+
 def test_stop_strings_tokens_and_lengths(model, tokenizer):
     llm = make_llm(model, tokenizer, max_model_len=128)
     base = llm.generate([[10, 11, 12]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]

@@ -279,11 +279,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; return an output for every streaming request that advanced and
         every request that finished (with asynchronous scheduling: those of the previous step)."""
+        previous, self._in_flight = self._in_flight, None
         launched = self._launch()
-        if not self.async_scheduling:
-            return self._collect(launched) if launched is not None else []
-        previous, self._in_flight = self._in_flight, launched
-        return self._collect(previous) if previous is not None else []
+        if self.async_scheduling:
+            self._in_flight, launched = launched, None
+        # (A step left in flight when asynchronous scheduling was turned off is collected first.)
+        return [out for step in (previous, launched) if step is not None for out in self._collect(step)]
 
     def _launch(self) -> _LaunchedStep | None:
         """Schedule a step and queue it on the device."""
