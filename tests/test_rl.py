@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from afm.engine import LLM
+from afm.engine import LLM, SamplingParams
 from afm.errors import AFMError, ConfigError
 from afm.model import build_model
 from afm.model.hf import save_pretrained
@@ -127,6 +127,10 @@ def test_grpo_raises_reward(checkpoint, tmp_path, monkeypatch):
     import afm.rl.grpo as grpo
 
     monkeypatch.setattr(grpo, "make_env", lambda spec, **kw: DigitsEnv())
+    served = []  # the sampling the held-out evaluation scores as the served model's
+    evaluate = grpo.evaluate
+    monkeypatch.setattr(grpo, "evaluate", lambda llm, *a, **kw: served.append(llm.get_default_sampling_params())
+                        or evaluate(llm, *a, **kw))
     cfg = GRPOConfig(name="t", out_dir=str(tmp_path / "{name}"), model=str(checkpoint), steps=12, prompts_per_step=4,
                      group_size=8, max_tokens=3, lr=3e-3, train_samples=64, eval_samples=16, eval_every=6,
                      kv_cache_gib=0.02, updates_per_batch=2, kl_coef=0.05, warmup_steps=2)
@@ -141,6 +145,10 @@ def test_grpo_raises_reward(checkpoint, tmp_path, monkeypatch):
         summary["eval_after"]["accuracy"] - summary["eval_before"]["accuracy"])
     assert change["ci95"][0] <= change["difference"] <= change["ci95"][1] and 0 <= change["p_value"] <= 1
     assert (tmp_path / "t" / "export" / "config.json").exists()
+    from afm.model.hf import read_generation_config
+
+    checkpoint_sampling = SamplingParams.from_generation_config(read_generation_config(checkpoint))
+    assert checkpoint_sampling.top_k == 50 and served and all(p == checkpoint_sampling for p in served)
 
 
 def test_dpo_loss_matches_the_formula():

@@ -34,7 +34,7 @@ from afm.errors import ConfigError
 from afm.eval.stats import paired_difference
 from afm.io import atomic_write_text
 from afm.model.config import ModelConfig
-from afm.model.hf import load_pretrained, save_pretrained
+from afm.model.hf import load_pretrained, read_generation_config, save_pretrained
 from afm.rl.env import HELD_OUT_SEED, Environment, Sample
 from afm.rl.envs import make_env
 from afm.tokenizer import Tokenizer
@@ -238,8 +238,10 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     autocast = use_bf16(cfg.precision, device)
-    # The engine serves the very module being trained: rollouts always see the latest weights.
-    llm = LLM(model=model, tokenizer=tokenizer, max_model_len=cfg.max_model_len, kv_cache_memory_gib=cfg.kv_cache_gib,
+    # The engine serves the very module being trained: rollouts always see the latest weights. Its sampling
+    # defaults are the checkpoint's (what `evaluate` scores as the served model's sampling).
+    llm = LLM(model=model, tokenizer=tokenizer, generation_config=read_generation_config(cfg.model),
+              max_model_len=cfg.max_model_len, kv_cache_memory_gib=cfg.kv_cache_gib,
               max_num_seqs=max(cfg.prompts_per_step * cfg.group_size, 64), enforce_eager=True)
     env = make_env(cfg.env, **cfg.env_args)
     train_set = env.dataset(cfg.train_samples, cfg.train_seed)
