@@ -20,7 +20,7 @@ if [ "${1:-}" = "--tiny" ]; then
     TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu
            --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
     SAMPLER=(--batch 1 16 --vocab 4096 --repeats 3 --device cpu)
-    ROTARY=(--tokens 256 --repeats 3 --device cpu)
+    ROTARY=(--tokens 256 --device cpu)
     echo "cpu dry run" > "$OUT/machine.txt"
 else
     ENGINE=(--preset afm-4.5b --concurrency 1 16 64 250 --kv-cache-gib 40 --baseline-concurrency 1 250)

@@ -10,31 +10,24 @@ one read and one write of each.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from afm.model.layers import RotateQueriesAndKeys  # noqa: E402
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(10):  # also lets the host allocator settle (on a CPU, fresh temporaries page-fault)
+def median_ms(fn) -> float:
+    """Median ms per call by `torch.utils.benchmark` (blocks of calls for about a second, CUDA synchronised
+    around them); the warm-up also lets the host allocator settle (on a CPU, fresh temporaries page-fault)."""
+    for _ in range(10):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
 
 
 def main() -> None:
@@ -42,7 +35,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int)
     args = ap.parse_args()
     if args.threads:
@@ -54,8 +46,8 @@ def main() -> None:
     eager, compiled = RotateQueriesAndKeys(), RotateQueriesAndKeys()
     compiled.compile(dynamic=True)
     with torch.inference_mode():
-        e = median_ms(lambda: eager(q, k, cos, sin), device, args.repeats)
-        c = median_ms(lambda: compiled(q, k, cos, sin), device, args.repeats)
+        e = median_ms(lambda: eager(q, k, cos, sin))
+        c = median_ms(lambda: compiled(q, k, cos, sin))
     moved = 2 * (q.numel() + k.numel()) * q.element_size() / 1e9  # one read and one write of q and k
     print(f"{device} {args.dtype}, {t} tokens: eager {e:.2f} ms, compiled {c:.2f} ms ({e / c:.2f}x); "
           f"compiled moves {moved / (c / 1e3):.0f} GB/s of q and k")

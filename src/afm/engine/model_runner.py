@@ -53,8 +53,6 @@ PROMPT_LOGPROB_ROWS = 256
 # and tunes its tiles by measurement: the matrix-vector path that reaches the card's memory bandwidth,
 # with the neighbouring element-wise work fused into its loads and stores.
 SINGLE_DECODE_INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
-# Replays per candidate when the batch-1 graphs are timed against each other at start-up.
-BATCH_ONE_TIMING_REPLAYS = 20
 
 
 def kv_bytes_per_token(model: AFMForCausalLM, kv_dtype: torch.dtype) -> int:
@@ -484,18 +482,12 @@ class ModelRunner:
 
     @staticmethod
     def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
-        """Median time of one replay of `graph` (on the buffers as they are: both batch-1 candidates read
-        the same inputs, so they run the same attention and differ only in the rest of the forward)."""
-        times = []
-        for i in range(BATCH_ONE_TIMING_REPLAYS + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end))
-        return float(np.median(times))
+        """Median time of one replay of `graph`, by Triton's `do_bench` as `benchmark_decode` times its
+        graphs (on the buffers as they are: both batch-1 candidates read the same inputs, so they run the
+        same attention and differ only in the rest of the forward)."""
+        import triton.testing
+
+        return float(triton.testing.do_bench(graph.replay, return_mode="median"))
 
     def _logits_forward(self, input_ids: Tensor, positions: Tensor, attention: PagedAttention) -> Tensor:
         return self.model.lm_head(self.model.model(input_ids, positions, attention=attention)[0])
