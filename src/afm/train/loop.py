@@ -36,15 +36,15 @@ from afm.model.config import ModelConfig, YarnScaling, get_preset
 from afm.model.hf import load_pretrained, save_pretrained
 from afm.model.layers import sdpa_preference
 from afm.model.transformer import AFMForCausalLM, build_model
+from afm.tokenizer import Tokenizer
 from afm.train import checkpoint
 from afm.train.config import OptimSpec, PhaseSpec, TrainConfig, phase_steps, to_dict, validate
 from afm.train.flops import peak_flops, training_flops_per_token
 from afm.train.lora import LoRASpec, apply_lora, merge_into, save_peft_adapter
 from afm.train.mixed_precision import ComputeWeights, MasterAdamW
-from afm.train.sft import SFTLoader
-from afm.tokenizer import Tokenizer
 from afm.train.parallel import DistInfo, all_reduce_mean, parallelize, setup_distributed, teardown_distributed
 from afm.train.schedule import lr_at
+from afm.train.sft import SFTLoader
 
 log = logging.getLogger(__name__)
 
