@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from afm.model import cpu_attention
 from afm.model.config import ModelConfig
 
 
@@ -179,12 +180,22 @@ class CausalAttention:
 
     `document_ids` (batch, tokens) marks which packed document each token belongs to; a token attends
     only to earlier tokens of its own document. Without it, plain causal attention runs on the fastest
-    SDPA kernel available (flash attention on GPUs).
+    SDPA kernel available (flash attention on GPUs). bfloat16 on CPUs with AVX512-BF16 takes afm's own
+    kernel (`afm.model.cpu_attention`), which skips the masked blocks that SDPA's CPU kernel computes.
     """
 
-    def __init__(self, document_ids: Tensor | None = None) -> None:
+    def __init__(self, document_ids: Tensor | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.document_ids = document_ids
         self._mask: Tensor | None = None
+        # Host-side choices happen here, outside compiled layers: whether the CPU kernel will run (queries
+        # of `dtype` on `device`, both given) and where each token's document begins.
+        self._starts: Tensor | None = None
+        self._cpu_kernel = (device is not None and device.type == "cpu" and dtype == torch.bfloat16
+                            and cpu_attention.enabled())
+        if self._cpu_kernel and document_ids is not None:
+            self._starts = cpu_attention.document_starts(document_ids)
+            self._cpu_kernel = self._starts is not None  # None: documents are not contiguous runs
 
     def mask(self) -> Tensor | None:
         if self.document_ids is None:
@@ -198,6 +209,8 @@ class CausalAttention:
         return self._mask
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self._cpu_kernel and cpu_attention.supports(q, k):
+            return cpu_attention.attention(q, k, v, self._starts)
         mask = self.mask()
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),

@@ -65,13 +65,20 @@ class AFMModel(nn.Module):
                 position_ids = positions_from_documents(document_ids)
             else:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if attention is None:
-            attention = CausalAttention(document_ids)
         x = self.embed_tokens(input_ids)
+        if attention is None:
+            attention = CausalAttention(document_ids, x.device, compute_dtype(x))
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
         return self.norm(x)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layers compute in for input x: autocast's where it is on for x's device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class AFMForCausalLM(nn.Module):

@@ -15,105 +15,33 @@ differs from `reference_linear` by the error of quantizing x to 8 bits (about 0.
 stream every weight row once; more rows (prefill) unpack tiles of weight rows into int8 and reuse them
 from cache across all rows. `quant_kernels.cpp` has the details.
 
-The C++ source is compiled on first use with `-O3 -march=native` by `torch.utils.cpp_extension`, which
-caches the build in its extensions directory (`TORCH_EXTENSIONS_DIR`, by default
-~/.cache/torch_extensions). The extension's name contains a hash of the source, the compiler flags, the
-torch version and this CPU's feature flags, so machines sharing a home directory never load each other's
-binaries. `AFM_QUANT_CFLAGS` replaces the flags (e.g. `-O3 -march=haswell -ffp-contract=off` to build the
-AVX2 path on an AVX-512 machine). When no compiler is present or the build fails, `available()` is False,
-the reason is logged (and kept in `unavailable_reason()`), and callers use `reference_linear`.
+The C++ source is compiled on first use with `-O3 -march=native -ffp-contract=off` (`afm.native`, which
+caches the build per source, flags, torch version and CPU). `AFM_QUANT_CFLAGS` replaces the flags (e.g.
+`-O3 -march=haswell -ffp-contract=off` to build the AVX2 path on an AVX-512 machine). When no compiler is
+present or the build fails, `available()` is False, the reason is logged (and kept in
+`unavailable_reason()`), and callers use `reference_linear`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from afm.errors import AFMError
+from afm.native import CppExtension
 from afm.quant.formats import BLOCK, QuantType
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_kernels.cpp"
-CFLAGS_ENV = "AFM_QUANT_CFLAGS"
 # -ffp-contract=off keeps GCC from fusing the activation quantizer's x * (1 / d) + 0.5 into an FMA, so
 # that it rounds exactly as ggml's reference (and formats.quantize_q8_0) does.
-DEFAULT_CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")
-
-_lock = threading.Lock()
-_ops: Any = None
-_error: str | None = None
-
-
-def _cpu_signature() -> str:
-    """The CPU's feature flags (what -march=native compiles for) and model name, from /proc/cpuinfo."""
-    keys = ("flags", "features", "model name", "cpu model")  # x86 and ARM spellings
-    found: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in keys and key not in found:
-                    found[key] = value.strip()
-    except OSError:
-        pass
-    fields = "|".join(f"{k}={v}" for k, v in sorted(found.items()))
-    return f"{platform.machine()}|{platform.processor()}|{fields}"
-
-
-def _openmp_flags() -> list[str]:
-    """-fopenmp when torch's intra-op thread pool is OpenMP's. at::parallel_for is inline: compiled
-    without -fopenmp it silently runs serially. The extension then needs libgomp.so.1, which resolves to
-    the copy torch has already loaded, so both share one pool and torch.set_num_threads applies."""
-    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
-
-
-def _cflags() -> list[str]:
-    return (os.environ.get(CFLAGS_ENV, "").split() or list(DEFAULT_CFLAGS)) + _openmp_flags()
-
-
-def _extension_name() -> str:
-    """The name the extension is built and cached under: unique per source, flags, torch and CPU."""
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_cflags()).encode(), torch.__version__.encode(),
-                 os.environ.get("CXX", "").encode(), _cpu_signature().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return f"afm_quant_{h.hexdigest()[:16]}"
+_extension = CppExtension("afm_quant", Path(__file__).resolve().parent / "csrc" / "quant_kernels.cpp",
+                          ("-O3", "-march=native", "-ffp-contract=off"), "AFM_QUANT_CFLAGS",
+                          "quantized CPU kernels")
 
 
 def _load() -> Any:
-    """Builds (first call on this machine) or loads the extension; its ops, or None with `_error` set."""
-    global _ops, _error
-    with _lock:
-        if _ops is None and _error is None:
-            name = _extension_name()
-            try:
-                from torch.utils import cpp_extension
-
-                cpp_extension.load(
-                    name=name,
-                    sources=[str(SOURCE)],
-                    extra_cflags=_cflags(),
-                    extra_ldflags=_openmp_flags(),
-                    is_python_module=False,
-                    verbose=False,
-                )
-                _ops = getattr(torch.ops, name)
-                log.info("quantized CPU kernels loaded: %s (%s)", name, _ops.isa())
-            except Exception as e:  # any failure (no compiler, no ninja, a compile error): use the fallback
-                _error = f"building the C++ extension {name} failed: {type(e).__name__}: {e}".strip()
-                log.warning("quantized CPU kernels unavailable, callers fall back to dequantize + matmul: %s",
-                            _error)
-        return _ops
+    return _extension.ops
 
 
 def available() -> bool:
@@ -124,7 +52,7 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why `available()` is False, or None when the kernels loaded."""
     _load()
-    return _error
+    return _extension.error
 
 
 def isa() -> str:
@@ -135,7 +63,8 @@ def isa() -> str:
 def _require() -> Any:
     ops = _load()
     if ops is None:
-        raise AFMError(f"the quantized CPU kernels are unavailable ({_error}); use reference_linear instead")
+        raise AFMError(f"the quantized CPU kernels are unavailable ({_extension.error}); use reference_linear "
+                       "instead")
     return ops
 
 
@@ -166,7 +95,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, qtype: QuantType) -> tuple[int, int
 
 def _linear(x: torch.Tensor, w: torch.Tensor, qtype: QuantType) -> torch.Tensor:
     k, n = _check(x, w, qtype)
-    ops = _ops if _ops is not None else _require()
+    ops = _require()
     op = ops.linear_q4_0 if qtype is QuantType.Q4_0 else ops.linear_q8_0
     if x.dim() == 2:  # the common case; reshapes cost as much as the checks
         return op(x, w)
