@@ -69,6 +69,13 @@ def test_document_starts():
     assert cpu_attention.document_starts(torch.tensor([[0, 1, 0]])) is None  # document 0 resumes after a gap
 
 
+def test_bad_starts_are_refused(kernel):
+    q, k, v = (torch.randn(1, 4, n, 64, dtype=torch.bfloat16) for n in (2, 1, 1))
+    for bad in ([0, 0, 2, 1], [0, 2, 2, 2], [-1, 0, 0, 0]):  # decreasing, past its own token, negative
+        with pytest.raises(RuntimeError, match="starts must satisfy"):
+            cpu_attention.attention(q, k, v, torch.tensor([bad], dtype=torch.int32))
+
+
 def test_causal_attention_picks_the_kernel_only_where_it_applies(kernel, monkeypatch):
     torch.manual_seed(0)
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])

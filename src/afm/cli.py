@@ -729,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("speedrun", help="the whole pipeline in one command: raw text to a served instruct model, "
                        "with a report card (report.md)")
-    p.add_argument("--preset", default="nano", help="nano (the 2-core CPU run, ~30 min) or micro (minutes; CI)")
+    p.add_argument("--preset", default="nano", help="nano (the 2-core CPU run, ~21 min) or micro (minutes; CI)")
     p.add_argument("--out", help="run directory (default runs/speedrun-PRESET); rerunning resumes it")
     p.add_argument("--starter", help="an existing starter corpus directory (afm data fetch starter) to use")
     p.add_argument("--from", dest="from_stage", metavar="STAGE",

@@ -74,7 +74,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "nano": Preset(
         name="nano",
-        description="afm-nano (16M parameters) on the whole starter corpus: about 30 minutes on 2 CPU cores",
+        description="afm-nano (16M parameters) on the whole starter corpus: about 21 minutes on 2 CPU cores",
         sources=None,
         tokenizer_vocab=8192,
         tokenizer_chars=24_000_000,

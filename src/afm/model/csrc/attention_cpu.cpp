@@ -166,6 +166,16 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
   TORCH_CHECK(starts.scalar_type() == at::kInt && starts.is_contiguous() && starts.dim() == 2 &&
                   starts.size(0) == q.size(0) && starts.size(1) == q.size(1),
               "attention: starts must be contiguous int32 (B, T)");
+  // The block loops rely on this: a block's first query has its earliest visible key.
+  const int32_t* st = starts.data_ptr<int32_t>();
+  const int64_t B = starts.size(0), T = starts.size(1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t s = st[b * T + t];
+      TORCH_CHECK(s >= 0 && s <= t && (t == 0 || s >= st[b * T + t - 1]),
+                  "attention: starts must satisfy 0 <= starts[t] <= t and never decrease along t (row ", b,
+                  ", token ", t, " has ", s, "); build them with afm.model.cpu_attention.document_starts");
+    }
 }
 
 #endif  // AFM_ATTENTION_AVX512BF16
