@@ -6,26 +6,33 @@
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh --tiny   # the same steps at a tiny shape on the CPU (a dry run)
 #
 # ENGINE_COMPILE=off|on|both picks the engine variants (default both), ENGINE_ASYNC=default|on|off|both
-# whether they schedule asynchronously (default: the engine's choice, on); TESTS_S, ENGINE_S, FP8_S and TRAIN_S
-# are the parts' time limits in seconds, 0 skipping a part (FP8_S=0 is the default; with ENGINE_COMPILE=on
-# ENGINE_S=300 FP8_S=120 everything fits a 10-minute call).
+# whether they schedule asynchronously (default: the engine's choice, on), ENGINE_CONCURRENCY and
+# BASELINE_CONCURRENCY the request counts (default "1 16 64 250" and "1 250"), TRAIN_VARIANTS the training
+# variants (default: all four below). TESTS_S, MICRO_S, ENGINE_S, FP8_S and TRAIN_S are the parts' time
+# limits in seconds, 0 skipping a part (FP8_S=0 is the default).
+#
+# One device session (15 minutes, machine start included) fits the headline figures of both issues in one
+# 10-minute call (docs/benchmarks.md, "Prepared for the next GPU run"):
+#   TESTS_S=100 MICRO_S=0 ENGINE_COMPILE=on ENGINE_CONCURRENCY="1 250" ENGINE_S=300 TRAIN_S=180 \
+#     TRAIN_VARIANTS=afm-compile-master,transformers bash bench/gpu_suite.sh
 set -u
 OUT=${OUT:-runs/gpu-suite}
 mkdir -p "$OUT/engine"
 PY=${PYTHON:-python}
 
 if [ "${1:-}" = "--tiny" ]; then
-    ENGINE=(--preset afm-nano --device cpu --concurrency 1 8 --input-len 64 --output-len 16 --max-model-len 256
-            --kv-cache-gib 0.2 --baseline-concurrency 1 8)
+    ENGINE=(--preset afm-nano --device cpu --concurrency ${ENGINE_CONCURRENCY:-1 8} --input-len 64 --output-len 16
+            --max-model-len 256 --kv-cache-gib 0.2 --baseline-concurrency ${BASELINE_CONCURRENCY:-1 8})
     TRAIN=(--preset afm-micro --seq 64 --batch 2 --steps 3 --warmup 1 --device cpu
-           --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
+           --variants "${TRAIN_VARIANTS:-afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers}")
     SAMPLER=(--batch 1 16 --vocab 4096 --repeats 3 --device cpu)
     ROTARY=(--tokens 256 --device cpu)
     echo "cpu dry run" > "$OUT/machine.txt"
 else
-    ENGINE=(--preset afm-4.5b --concurrency 1 16 64 250 --kv-cache-gib 40 --baseline-concurrency 1 250)
+    ENGINE=(--preset afm-4.5b --concurrency ${ENGINE_CONCURRENCY:-1 16 64 250} --kv-cache-gib 40
+            --baseline-concurrency ${BASELINE_CONCURRENCY:-1 250})
     TRAIN=(--layers 36 --seq 4096 --batch 1 --steps 10 --warmup 3
-           --variants afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers)
+           --variants "${TRAIN_VARIANTS:-afm-compile-master,afm-compile-master:pytorch-sdpa,afm-compile-bf16,transformers}")
     SAMPLER=(--batch 1 16 256 --compile)
     ROTARY=(--tokens 8192)
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/machine.txt"
@@ -34,7 +41,7 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 cat "$OUT/machine.txt"
 
 # 0. The tests that need a GPU (the engine's host-device overlap, the Triton kernels compiled for this card
-#    against their references), when pytest is installed; then the small kernel benchmarks.
+#    against their references), when pytest is installed; then (MICRO_S) the small kernel benchmarks.
 if [ "${TESTS_S:-150}" -gt 0 ]; then
     if $PY -c "import pytest" 2>/dev/null; then
         { TRITON_INTERPRET=0 timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
@@ -44,8 +51,10 @@ if [ "${TESTS_S:-150}" -gt 0 ]; then
     else
         echo "pytest is not installed: GPU tests skipped" | tee "$OUT/tests.log"
     fi
-    timeout 90 $PY bench/sampler_throughput.py "${SAMPLER[@]}" 2>&1 | tee "$OUT/sampler.log"
-    timeout 60 $PY bench/rotary_prefill.py "${ROTARY[@]}" 2>&1 | tee "$OUT/rotary.log"
+fi
+if [ "${MICRO_S:-150}" -gt 0 ]; then
+    timeout "$(( ${MICRO_S:-150} * 3 / 5 ))" $PY bench/sampler_throughput.py "${SAMPLER[@]}" 2>&1 | tee "$OUT/sampler.log"
+    timeout "$(( ${MICRO_S:-150} * 2 / 5 ))" $PY bench/rotary_prefill.py "${ROTARY[@]}" 2>&1 | tee "$OUT/rotary.log"
 fi
 # 1. Engine: transformers' generate (the baseline), then afm's variants, with step breakdowns.
 if [ "${ENGINE_S:-400}" -gt 0 ]; then
