@@ -104,12 +104,12 @@ def timed_steps(step, steps: int, warmup: int, device: torch.device, clock: Cloc
 
 
 # Kinds of kernels in a training step, by substrings of their names (CUDA kernels and, on the CPU,
-# ATen operators); the first kind that matches wins.
+# ATen operators, afm's C++ operators and Inductor's compiled graphs); the first kind that matches wins.
 KERNEL_KINDS = (
     ("optimizer", ("adam", "multi_tensor")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "sdp_")),
     ("matmul", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
-    ("fused element-wise (Inductor)", ("triton_",)),
+    ("fused element-wise (Inductor)", ("triton_", "compiledfxgraph")),
     ("cross-entropy", ("cross_entropy", "log_softmax", "nll_loss")),
 )
 
@@ -137,8 +137,8 @@ def profile_step(step, device: torch.device, table_to: Path | None) -> dict[str,
     for e in events:
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             us = e.self_device_time_total
-        elif not cuda and e.key.startswith("aten::"):
-            us = e.self_cpu_time_total
+        elif not cuda and e.key.startswith(("aten::", "afm_", "## Call CompiledFxGraph")):
+            us = e.self_cpu_time_total  # self times: ATen operators, afm's C++ kernels, Inductor's C++ code
         else:
             continue
         kind = kernel_kind(e.key)
