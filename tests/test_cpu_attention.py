@@ -69,6 +69,14 @@ def test_document_starts():
     assert cpu_attention.document_starts(torch.tensor([[0, 1, 0]])) is None  # document 0 resumes after a gap
 
 
+def test_cpus_without_bf16_dot_products_are_told_apart_without_a_build(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "cpu_signature", lambda: "x86_64|x86_64|flags=fpu sse avx2 avx512f|model name=X")
+    monkeypatch.setattr(cpu_attention._extension, "_ops", None)
+    monkeypatch.setattr(cpu_attention._extension, "error", "a build was attempted")  # any build attempt shows
+    assert not cpu_attention.available()
+    assert cpu_attention.unavailable_reason() == cpu_attention.NO_BF16_DOT
+
+
 def test_bad_starts_are_refused(kernel):
     q, k, v = (torch.randn(1, 4, n, 64, dtype=torch.bfloat16) for n in (2, 1, 1))
     for bad in ([0, 0, 2, 1], [0, 2, 2, 2], [-1, 0, 0, 0]):  # decreasing, past its own token, negative

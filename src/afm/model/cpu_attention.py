@@ -21,24 +21,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from afm.native import CppExtension
+from afm.native import CppExtension, cpu_signature
 
 _extension = CppExtension("afm_attention", Path(__file__).resolve().parent / "csrc" / "attention_cpu.cpp",
                           ("-O3", "-march=native"), "AFM_ATTENTION_CFLAGS", "CPU attention kernel")
 
 
+NO_BF16_DOT = "this CPU (or the compiler) has no AVX512-BF16"
+
+
+def _cpu_has_bf16_dot() -> bool:
+    """False when /proc/cpuinfo lists flags without avx512_bf16 (then nothing is compiled); True when it
+    does or cannot tell (the build then decides)."""
+    flags = next((f for f in cpu_signature().split("|") if f.startswith("flags=")), None)
+    return flags is None or "avx512_bf16" in flags.split()
+
+
 def available() -> bool:
     """Whether the kernel is built and this CPU has AVX512-BF16 (builds it on the first call)."""
+    if not _cpu_has_bf16_dot():
+        return False
     ops = _extension.ops
     return ops is not None and ops.isa() != "none"
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False, or None when it is True."""
+    if not _cpu_has_bf16_dot():
+        return NO_BF16_DOT
     ops = _extension.ops
     if ops is None:
         return _extension.error
-    return None if ops.isa() != "none" else "this CPU (or the compiler) has no AVX512-BF16"
+    return None if ops.isa() != "none" else NO_BF16_DOT
 
 
 DISABLE_ENV = "AFM_CPU_ATTENTION"  # "0": always use PyTorch's attention (comparisons, a safety valve)
