@@ -6,17 +6,24 @@ per token, given by `slot_mapping`) and then lets every new query attend to its 
 up to its own position. Prefill, chunked prefill and decode are the same call: a sequence simply
 contributes one token (decode) or many (prefill chunk).
 
-Two implementations compute the same function: `paged_attention_reference` (PyTorch, any device; the
-CPU path and the oracle in tests) and the fused Triton kernel in `afm.engine.triton_attention` (GPUs).
+Three implementations compute the same function: `paged_attention_reference` (PyTorch, any device; the
+oracle in tests), `paged_attention_cpu` (the CPU path: decoding sequences through a C++ kernel that reads
+the cache blocks in place, prefill chunks as the reference) and the fused Triton kernel in
+`afm.engine.triton_attention` (GPUs).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from afm.native import CppExtension
 
 
 @dataclass
@@ -70,27 +77,42 @@ def paged_attention_reference(
     query each) run as one batched call with a key-padding mask; prefill chunks run one by one.
     """
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    gqa = q.shape[1] != k_cache.shape[2]
     decode = [s for s in range(len(seq_lens)) if query_start_loc[s + 1] - query_start_loc[s] == 1]
     if decode:
         rows = torch.tensor([query_start_loc[s] for s in decode], device=q.device)
-        lens = torch.tensor([seq_lens[s] for s in decode], device=q.device)
-        longest = int(lens.max())
-        blocks = block_tables[decode, : -(-longest // block_size)].long()
-        keys = _gather(k_cache, blocks, longest, q.dtype)  # (B, L, Hkv, D)
-        values = _gather(v_cache, blocks, longest, q.dtype)
-        mask = None
-        if any(seq_lens[s] != longest for s in decode):
-            valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # (B, L)
-            # Slots past a sequence's length hold whatever was there (never-written memory may be NaN, and
-            # NaN survives masking): zero them before they meet the queries.
-            keys = keys.where(valid[:, :, None, None], 0)
-            values = values.where(valid[:, :, None, None], 0)
-            mask = valid[:, None, None, :]
-        o = F.scaled_dot_product_attention(q[rows][:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
-                                           attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[rows] = o[:, :, 0]
+        out[rows] = _decode_reference(q[rows], k_cache, v_cache, block_tables[decode], [seq_lens[s] for s in decode],
+                                      scale)
+    _prefill_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+    return out
+
+
+def _decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: list[int],
+                      scale: float) -> Tensor:
+    """One query per sequence, (S, Hq, D), over the first seq_lens[s] cached keys of block_tables[s]."""
+    block_size = k_cache.shape[1]
+    lens = torch.tensor(seq_lens, device=q.device)
+    longest = max(seq_lens)
+    blocks = block_tables[:, : -(-longest // block_size)].long()
+    keys = _gather(k_cache, blocks, longest, q.dtype)  # (S, L, Hkv, D)
+    values = _gather(v_cache, blocks, longest, q.dtype)
+    mask = None
+    if any(n != longest for n in seq_lens):
+        valid = torch.arange(longest, device=q.device)[None, :] < lens[:, None]  # (S, L)
+        # Slots past a sequence's length hold whatever was there (never-written memory may be NaN, and
+        # NaN survives masking): zero them before they meet the queries.
+        keys = keys.where(valid[:, :, None, None], 0)
+        values = values.where(valid[:, :, None, None], 0)
+        mask = valid[:, None, None, :]
+    o = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                       attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k_cache.shape[2])
+    return o[:, :, 0]
+
+
+def _prefill_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: list[int],
+                       query_start_loc: list[int], scale: float, out: Tensor) -> None:
+    """Writes into `out` the attention of every sequence that contributes more than one query token."""
+    block_size = k_cache.shape[1]
+    gqa = q.shape[1] != k_cache.shape[2]
     for s, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[s], query_start_loc[s + 1]
         q_len = end - start
@@ -107,6 +129,48 @@ def paged_attention_reference(
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
             o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
+
+
+# Decode rows on CPUs: afm's C++ kernel (csrc/paged_attention_cpu.cpp), which reads the cache blocks in place
+# where the reference gathers them into a dense copy first. AFM_CPU_ATTENTION=0 keeps the reference.
+_cpu_decode_extension = CppExtension("afm_paged_attention", Path(__file__).resolve().parent / "csrc" /
+                                     "paged_attention_cpu.cpp", ("-O3", "-march=native"),
+                                     "AFM_PAGED_ATTENTION_CFLAGS", "CPU paged-attention kernel")
+_cpu_decode_enabled: bool | None = None
+
+
+def cpu_decode_kernel() -> Any:
+    """The CPU decode kernel's ops, or None where it is disabled or cannot be built (built on first call)."""
+    global _cpu_decode_enabled
+    if _cpu_decode_enabled is None:
+        from afm.model.cpu_attention import DISABLE_ENV
+
+        _cpu_decode_enabled = os.environ.get(DISABLE_ENV, "1") != "0" and _cpu_decode_extension.ops is not None
+    return _cpu_decode_extension.ops if _cpu_decode_enabled else None
+
+
+def paged_attention_cpu(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+) -> Tensor:
+    """`paged_attention_reference`'s function on CPUs: decoding sequences through the C++ kernel (when
+    it is available), prefill chunks as the reference computes them."""
+    ops = cpu_decode_kernel() if q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) else None
+    if ops is None or q.dtype not in (torch.float32, torch.bfloat16):
+        return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    out = torch.empty_like(q)
+    decode = [s for s in range(len(seq_lens)) if query_start_loc[s + 1] - query_start_loc[s] == 1]
+    if decode:
+        rows = torch.tensor([query_start_loc[s] for s in decode])
+        lens = torch.tensor([seq_lens[s] for s in decode], dtype=torch.int32)
+        out[rows] = ops.paged_decode(q[rows].contiguous(), k_cache, v_cache,
+                                     block_tables[decode].to(torch.int32).contiguous(), lens, scale)
+    _prefill_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
     return out
 
 
@@ -141,11 +205,9 @@ def paged_attention_op(
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len
         )
-    # The reference path loops over sequences on the host.
+    # The CPU path loops over sequences on the host.
     write_kv(k, v, k_cache, v_cache, slot_mapping)
-    return paged_attention_reference(
-        q, k_cache, v_cache, block_tables, seq_lens.tolist(), query_start_loc.tolist(), scale
-    )
+    return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens.tolist(), query_start_loc.tolist(), scale)
 
 
 @paged_attention_op.register_fake
@@ -178,8 +240,8 @@ class PagedAttention:
             # the attention itself for small CPU batches. Under torch.compile the operator keeps the
             # host-side loop out of the graph.
             write_kv(k[0], v[0], k_cache, v_cache, md.slot_mapping)
-            out = paged_attention_reference(q[0], k_cache, v_cache, md.block_tables, md.seq_lens.tolist(),
-                                            md.query_start_loc.tolist(), self.scale)
+            out = paged_attention_cpu(q[0], k_cache, v_cache, md.block_tables, md.seq_lens.tolist(),
+                                      md.query_start_loc.tolist(), self.scale)
             return out[None]
         out = paged_attention_op(
             q[0], k[0], v[0], k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens,

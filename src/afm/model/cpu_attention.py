@@ -134,5 +134,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, starts: Tensor | None = None, sca
     keys starts[t] .. t (`document_starts`; None: all earlier keys). Returns (B, T, H, D)."""
     if starts is None:
         starts = torch.zeros(q.shape[:2], dtype=torch.int32, device=q.device)
-    out, _ = _forward(q.contiguous(), k.contiguous(), v.contiguous(), starts, scale if scale is not None else q.shape[-1] ** -0.5)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out, _ = _forward(q.contiguous(), k.contiguous(), v.contiguous(), starts, scale)
     return out
