@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from afm.engine.attention import AttentionMetadata, PagedAttention
+from afm.engine.attention import AttentionMetadata, PagedAttention, cpu_decode_kernel
 from afm.engine.block_manager import NULL_BLOCK
 from afm.engine.config import EngineConfig
 from afm.engine.request import Logprob, Request
@@ -151,6 +151,8 @@ class ModelRunner:
         mc = model.config
         self.scale = 1.0 / math.sqrt(mc.head_dim)
         self.use_triton = self.device.type == "cuda"
+        if self.device.type == "cpu":
+            cpu_decode_kernel()  # built (first use on this machine) or loaded now, not in the first request
         for layer in model.model.layers:
             layer.self_attn.pack_qkv()
         self.kv_dtype = resolve_kv_dtype(config, self.dtype)
