@@ -2,7 +2,7 @@
 
 PyTorch's CPU attention kernel computes every score of a 512-token sequence even under a causal mask,
 and on CPUs without AMX its bfloat16 products run no faster than float32: on a 2-core AMD EPYC with
-AVX512-BF16 it ran at about 80 GFLOP/s, and attention took 45 % of afm-nano's training step.
+AVX512-BF16 it ran at about 90 GFLOP/s, and attention took 45 % of afm-nano's training step.
 `attention_cpu.cpp` computes the same thing with the CPU's bfloat16 dot-product instruction and skips the
 key blocks no query of a block can see (docs/benchmarks.md has the figures).
 
