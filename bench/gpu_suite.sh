@@ -11,8 +11,8 @@
 # variants (default: all four below). TESTS_S, MICRO_S, ENGINE_S, FP8_S and TRAIN_S are the parts' time
 # limits in seconds, 0 skipping a part (FP8_S=0 is the default).
 #
-# One device session (15 minutes, machine start included) fits the headline figures of both issues in one
-# 10-minute call (docs/benchmarks.md, "Prepared for the next GPU run"):
+# The headline figures (the engine's and the training step's targets in docs/benchmarks.md) fit one run of
+# under 10 minutes, for a GPU machine held only briefly:
 #   TESTS_S=100 MICRO_S=0 ENGINE_COMPILE=on ENGINE_CONCURRENCY="1 250" ENGINE_S=300 TRAIN_S=180 \
 #     TRAIN_VARIANTS=afm-compile-master,transformers bash bench/gpu_suite.sh
 set -u
