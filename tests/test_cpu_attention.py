@@ -100,7 +100,6 @@ def test_causal_attention_picks_the_kernel_only_where_it_applies(kernel, monkeyp
     monkeypatch.setenv(cpu_attention.DISABLE_ENV, "0")
     monkeypatch.setattr(cpu_attention, "_enabled", None)
     assert not CausalAttention(ids, cpu, torch.bfloat16)._cpu_kernel
-    monkeypatch.setattr(cpu_attention, "_enabled", None)  # forget the disabled answer after the test
 
 
 def test_registered_op_passes_pytorch_checks(kernel):

@@ -15,6 +15,7 @@ the cache blocks in place, prefill chunks as the reference) and the fused Triton
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,21 @@ def paged_attention_reference(
     position seq_len_s - q_len_s + j and attends to keys 0..that position. Decoding sequences (one
     query each) run as one batched call with a key-padding mask; prefill chunks run one by one.
     """
+    return _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, _decode_reference)
+
+
+DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, list[int], float], Tensor]
+
+
+def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: list[int],
+                     query_start_loc: list[int], scale: float, decode_fn: DecodeFn) -> Tensor:
+    """The decoding sequences (one query each) in one call of `decode_fn` (queries, caches, their block
+    tables, their lengths, scale), the prefill chunks one by one as the reference computes them."""
     out = torch.empty_like(q)
     decode = [s for s in range(len(seq_lens)) if query_start_loc[s + 1] - query_start_loc[s] == 1]
     if decode:
         rows = torch.tensor([query_start_loc[s] for s in decode], device=q.device)
-        out[rows] = _decode_reference(q[rows], k_cache, v_cache, block_tables[decode], [seq_lens[s] for s in decode],
-                                      scale)
+        out[rows] = decode_fn(q[rows], k_cache, v_cache, block_tables[decode], [seq_lens[s] for s in decode], scale)
     _prefill_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
     return out
 
@@ -160,18 +170,16 @@ def paged_attention_cpu(
 ) -> Tensor:
     """`paged_attention_reference`'s function on CPUs: decoding sequences through the C++ kernel (when
     it is available), prefill chunks as the reference computes them."""
-    ops = cpu_decode_kernel() if q.device.type == "cpu" and k_cache.dtype in (torch.float32, torch.bfloat16) else None
-    if ops is None or q.dtype not in (torch.float32, torch.bfloat16):
+    kernel_dtypes = (torch.float32, torch.bfloat16)
+    ops = cpu_decode_kernel() if q.device.type == "cpu" and k_cache.dtype in kernel_dtypes else None
+    if ops is None or q.dtype not in kernel_dtypes:
         return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
-    out = torch.empty_like(q)
-    decode = [s for s in range(len(seq_lens)) if query_start_loc[s + 1] - query_start_loc[s] == 1]
-    if decode:
-        rows = torch.tensor([query_start_loc[s] for s in decode])
-        lens = torch.tensor([seq_lens[s] for s in decode], dtype=torch.int32)
-        out[rows] = ops.paged_decode(q[rows].contiguous(), k_cache, v_cache,
-                                     block_tables[decode].to(torch.int32).contiguous(), lens, scale)
-    _prefill_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
-    return out
+
+    def decode_fn(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: list[int], scale: float) -> Tensor:
+        return ops.paged_decode(q.contiguous(), k_cache, v_cache, tables.to(torch.int32).contiguous(),
+                                torch.tensor(lens, dtype=torch.int32), scale)
+
+    return _paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, decode_fn)
 
 
 @torch.library.custom_op("afm::paged_attention", mutates_args=("k_cache", "v_cache"))

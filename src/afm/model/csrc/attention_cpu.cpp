@@ -109,6 +109,14 @@ inline void matmul(const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ld
   }
 }
 
+// Lanes j .. j + 15 of a row of block scores that lie in lo <= lane <= hi (the keys the row's query sees).
+inline __mmask16 visible(int64_t j, int64_t lo, int64_t hi) {
+  const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)),
+                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  return _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::max<int64_t>(lo, -1))), _MM_CMPINT_NLT) &
+         _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(hi, BK))), _MM_CMPINT_LE);
+}
+
 // 16 floats -> 16 bfloat16 (round to nearest even).
 inline void store_bf16(uint16_t* dst, __m512 x) { _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(x)); }
 
@@ -230,10 +238,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, 
           const int64_t lo = s_row[t] - k0, hi = t - k0;  // visible keys: lo <= j <= hi
           __m512 mx = _mm512_set1_ps(NEG_INF);
           for (int64_t j = 0; j < BK; j += 16) {
-            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)),
-                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-            const __mmask16 ok = _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::max<int64_t>(lo, -1))), _MM_CMPINT_NLT) &
-                                 _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(hi, BK))), _MM_CMPINT_LE);
+            const __mmask16 ok = visible(j, lo, hi);
             const __m512 x = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_INF), ok, _mm512_loadu_ps(srow + j), _mm512_set1_ps(sc));
             _mm512_storeu_ps(srow + j, x);
             mx = _mm512_max_ps(mx, x);
@@ -356,10 +361,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& q, const at::Tensor& k, 
           const int64_t lo = s_row[t] - k0, hi = t - k0;
           const __m512 lse_i = _mm512_set1_ps(lse_row[t]), delta_i = _mm512_set1_ps(d_row[t]);
           for (int64_t j = 0; j < BK; j += 16) {
-            const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)),
-                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-            const __mmask16 ok = _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::max<int64_t>(lo, -1))), _MM_CMPINT_NLT) &
-                                 _mm512_cmp_epi32_mask(idx, _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(hi, BK))), _MM_CMPINT_LE);
+            const __mmask16 ok = visible(j, lo, hi);
             const __m512 p = _mm512_maskz_mov_ps(ok, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s_buf.data() + i * BK + j), _mm512_set1_ps(sc), lse_i)));
             const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp_buf.data() + i * BK + j), delta_i));
             store_bf16(dsrow + j, ds);
