@@ -67,6 +67,31 @@ def wait_idle(url: str, timeout: float = 60) -> dict[str, float]:
         time.sleep(0.2)
 
 
+def start_server(checkpoint: Path | None, preset: str, workdir: Path, *serve_args: str,
+                 log: Path | None = None) -> tuple[subprocess.Popen, str, int]:
+    """Start `afm serve` on 127.0.0.1 (over a random-weight `preset` checkpoint made in `workdir` when no
+    `checkpoint` is given) and wait until it answers: (the process, its URL, its port)."""
+    if checkpoint is None:
+        checkpoint = workdir / preset
+        subprocess.run([sys.executable, "-m", "afm", "init", "--preset", preset, str(checkpoint)], check=True,
+                       capture_output=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+    server = subprocess.Popen([sys.executable, "-m", "afm", "serve", str(checkpoint), "--host", "127.0.0.1",
+                               "--port", str(port), "--served-model-name", "m", *serve_args],
+                              stdout=out, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        if server.poll() is not None:
+            raise RuntimeError(f"afm serve exited with status {server.returncode}" + (f"; see {log}" if log else ""))
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return server, url, port
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path)
@@ -80,25 +105,11 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
-    checkpoint = args.checkpoint
-    if checkpoint is None:
-        checkpoint = Path(tmp.name) / args.preset
-        subprocess.run([sys.executable, "-m", "afm", "init", "--preset", args.preset, str(checkpoint)], check=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "afm", "serve", str(checkpoint), "--port", str(port), "--served-model-name", "m",
-         "--max-num-seqs", str(args.clients), "--max-model-len", str(4 * (args.input_len + args.output_len)),
-         "--kv-cache-gib", "0.5", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server, url, _ = start_server(
+        args.checkpoint, args.preset, Path(tmp.name), "--max-num-seqs", str(args.clients),
+        "--max-model-len", str(4 * (args.input_len + args.output_len)), "--kv-cache-gib", "0.5",
+        "--log-level", "warning")
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         rounds = []
         start_rss = rss_mb(server.pid)
         print(f"server ready, RSS {start_rss:.0f} MB")

@@ -405,8 +405,107 @@ def test_bad_requests_are_refused_and_others_unaffected(model, tokenizer, prompt
 
 
 @pytest.mark.parametrize(
+    "params, message",
+    [
+        (SamplingParams(top_k=2**63), "top_k must be at most the vocabulary size"),
+        (SamplingParams(top_k=301), "top_k must be at most the vocabulary size"),
+        (SamplingParams(stop_token_ids=[600], min_tokens=2), r"stop_token_ids \[600\] are outside"),
+        (SamplingParams(max_tokens=None, min_tokens=200), "min_tokens"),
+    ],
+)
+def test_sampling_fields_are_range_checked_against_the_model(model, tokenizer, params, message):
+    """Values that only the model can judge are refused at admission, before they reach a step."""
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    with pytest.raises(ConfigError, match=message):
+        llm.engine.add_request("bad", [1, 2, 3], params)
+    assert not llm.engine.has_unfinished_requests()
+    top = llm.engine.vocab_size  # the largest top_k is allowed and means "every token"
+    assert llm.engine.add_request("ok", [1, 2, 3], SamplingParams(top_k=top, stop_token_ids=[top - 1], max_tokens=2))
+
+
+class _FailingSampler:
+    """Wraps the engine's sampler and raises once a batch holds a request whose id is in `poison`."""
+
+    def __init__(self, sampler, poison):
+        self.sampler, self.poison, self.failures = sampler, poison, 0
+
+    def launch(self, logits, requests):
+        if any(r.request_id in self.poison for r in requests):
+            self.failures += 1
+            raise RuntimeError("simulated kernel failure")
+        return self.sampler.launch(logits, requests)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_failing_step_fails_its_requests_and_not_the_engine(model, tokenizer, async_scheduling):
+    from afm.engine import StepError
+
+    llm = make_llm(model, tokenizer, max_model_len=128, async_scheduling=async_scheduling, max_num_seqs=2)
+    engine = llm.engine
+    engine.runner.sampler = _FailingSampler(engine.runner.sampler, poison={"poison"})
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("early", [1, 2, 3], greedy)
+    engine.add_request("poison", [4, 5, 6], greedy)
+    engine.add_request("later", [7, 8, 9], greedy)  # waits: max_num_seqs is 2
+    failed: list[str] = []
+    outs = []
+    while engine.has_unfinished_requests():
+        try:
+            outs += engine.step()
+        except StepError as e:
+            failed += e.request_ids
+            assert "simulated kernel failure" in str(e)
+    assert failed == ["early", "poison"]  # the poisoned step's requests, and only those
+    assert engine.runner.sampler.failures == 1
+    done = {o.request_id: o for o in outs if o.finished}
+    assert list(done) == ["later"] and done["later"].outputs[0].token_ids == naive(model, [7, 8, 9], 6)
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_usable_blocks
+    engine.runner.sampler = engine.runner.sampler.sampler
+    assert_runner_holds_nothing(engine)
+    assert engine.stats()["failed_requests_total"] == 2 and engine.stats()["failed_steps_total"] == 1
+    again = llm.generate([[1, 2, 3]], greedy)[0]  # the engine is as good as new
+    assert again.outputs[0].token_ids == naive(model, [1, 2, 3], 6)
+
+
+def test_async_engine_survives_a_failing_step(model, tokenizer):
+    import asyncio
+
+    from afm.engine import AsyncLLMEngine, StepError
+
+    llm = make_llm(model, tokenizer, max_model_len=128)
+    llm.engine.runner.sampler = _FailingSampler(llm.engine.runner.sampler, poison={"poison"})
+    engine = AsyncLLMEngine(llm.engine)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def run(rid):
+        tokens = []
+        async for out in engine.generate([3, 4, 5], greedy, rid):
+            tokens += out.outputs[0].delta_token_ids
+        return tokens
+
+    try:
+        with pytest.raises(StepError, match="simulated kernel failure"):
+            asyncio.run(run("poison"))
+        assert engine.is_healthy
+        assert asyncio.run(run("fine")) == naive(model, [3, 4, 5], 5)
+        bm = llm.engine.block_manager
+        assert engine.call(lambda e: e.block_manager.num_free_blocks) == bm.num_usable_blocks
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+        ({"top_p": float("nan")}, "top_p must be a finite number"),
+        ({"presence_penalty": float("-inf")}, "presence_penalty must be a finite number"),
+        ({"top_k": 2.5}, "top_k"),
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_p": 0.0}, "top_p"),

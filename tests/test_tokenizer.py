@@ -150,6 +150,37 @@ def test_unsafe_template_is_refused(tokenizer):
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=evil)
 
 
+@pytest.mark.parametrize("template", [
+    "{{ messages[0]['content'] + 1 }}",  # str + int
+    "{{ messages[5]['content'] }}{{ 1 / 0 }}",
+    "{{ enable_thinking['x']['y'] + 2 }}",
+])
+def test_a_template_failing_on_its_values_raises_a_tokenizer_error(tokenizer, template):
+    """A chat template is a program: values of types it does not expect fail inside it, as a
+    TokenizerError that says so, never as a bare TypeError."""
+    with pytest.raises(TokenizerError, match="chat template failed"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template,
+                                      enable_thinking={"x": {"y": "z"}})
+
+
+def test_template_variables_are_what_the_template_reads():
+    from afm.tokenizer.chat import template_variables
+
+    assert template_variables(CHATML_TEMPLATE) == {"messages", "bos_token", "add_generation_prompt"}
+    source = ("{% set y = 3 %}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ y }}"
+              "{% if enable_thinking %}<think>{% endif %}{{ raise_exception('x') if tools is none else '' }}")
+    assert template_variables(source) == {"messages", "enable_thinking", "tools"}
+
+
+@pytest.mark.parametrize("text", ["hello world", "日本語 🙂 " * 50, "<|begin_of_text|>" * 20, "\n\t  " * 40,
+                                  "".join(chr(c) for c in range(32, 3000))])
+def test_max_text_bytes_bounds_the_bytes_of_any_encoding(tokenizer, text):
+    """Text longer than `max_text_bytes(n)` cannot be n tokens or fewer: servers refuse it untokenized."""
+    ids = tokenizer.encode(text)
+    assert len(text.encode("utf-8")) <= tokenizer.max_text_bytes(len(ids))
+    assert tokenizer.encode(text) == tokenizer.backend.encode(text).ids  # the GIL-free call, the same ids
+
+
 # ---- a real published tokenizer --------------------------------------------------------------
 
 LLAMA_CPP_PYTHON = ("llama-cpp-python", "0.3.36")

@@ -12,6 +12,7 @@ from typing import Any
 
 from afm.errors import AFMError
 from afm.rl.env import HELD_OUT_SEED
+from afm.serve.limits import HEADER_TIMEOUT_S, MAX_SEQUENCES_PER_REQUEST
 
 
 def _device_default() -> str:
@@ -259,7 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run_server(args.path, host=args.host, port=args.port, api_key=args.api_key,
                served_model_name=args.served_model_name, drain_timeout=args.drain_timeout,
-               log_level=args.log_level, engine_args=_engine_args(args))
+               log_level=args.log_level, engine_args=_engine_args(args), header_timeout=args.header_timeout,
+               max_sequences_per_request=args.max_sequences_per_request)
     return 0
 
 
@@ -745,6 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model name clients use (default: the directory's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let running requests finish (default 30)")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help=f"seconds a client has to send a request's headers (default {HEADER_TIMEOUT_S:g})")
+    p.add_argument("--max-sequences-per-request", type=int, default=MAX_SEQUENCES_PER_REQUEST,
+                   help=f"most prompts x n in one request (default {MAX_SEQUENCES_PER_REQUEST})")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_engine_flags(p)
     p.set_defaults(func=cmd_serve)

@@ -6,7 +6,8 @@ torch (the package's public names below load lazily).
 
 from typing import Any
 
-__all__ = ["AsyncLLMEngine", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "AsyncLLMEngine", "CompletionOutput", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams",
+           "StepError"]
 
 _WHERE = {
     "AsyncLLMEngine": "afm.engine.async_engine",
@@ -16,6 +17,7 @@ _WHERE = {
     "CompletionOutput": "afm.engine.llm_engine",
     "RequestOutput": "afm.engine.llm_engine",
     "SamplingParams": "afm.engine.sampling_params",
+    "StepError": "afm.engine.llm_engine",
 }
 
 

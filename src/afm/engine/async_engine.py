@@ -3,7 +3,8 @@
 The loop thread alone touches the engine. Callers on the event loop validate their requests in their
 own thread (so bad input fails at once, before any output is promised) and hand additions, aborts and
 queries to the loop through a command queue, which it drains before every step: a busy engine never
-starves them, and an abort frees the request's KV blocks before the next step runs.
+starves them, and an abort frees the request's KV blocks before the next step runs. A step that raises
+fails its own requests (`StepError`) and the loop goes on; only an error outside a step stops it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
-from afm.engine.llm_engine import LLMEngine, RequestOutput
+from afm.engine.llm_engine import LLMEngine, RequestOutput, StepError
 from afm.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,13 @@ class AsyncLLMEngine:
             while not self.stopped:
                 self._run_commands()
                 if self.engine.has_unfinished_requests():
-                    for out in self.engine.step():
+                    try:
+                        outputs = self.engine.step()
+                    except StepError as e:  # that step's requests were ended; the loop goes on
+                        for rid in e.request_ids:
+                            self._deliver(rid, e)
+                        continue
+                    for out in outputs:
                         self._deliver(out.request_id, out)
                 else:
                     self.wakeup.wait(0.05)

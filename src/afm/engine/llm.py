@@ -72,9 +72,14 @@ class LLM:
                 engine.abort(rid)
             raise
         results: dict[str, RequestOutput] = {}
-        for out in self._run(len(ids), use_tqdm):
-            if out.finished:
-                results[out.request_id] = out
+        try:
+            for out in self._run(len(ids), use_tqdm):
+                if out.finished:
+                    results[out.request_id] = out
+        except BaseException:  # a failed step or Ctrl-C: leave the engine with none of this batch's requests
+            for rid in ids:
+                engine.abort(rid)
+            raise
         return [results[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:

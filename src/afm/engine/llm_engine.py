@@ -37,6 +37,16 @@ from afm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+class StepError(RuntimeError):
+    """A step raised: its requests (`request_ids`) were ended and freed; the engine itself goes on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"the engine failed while running this request ({type(cause).__name__}: {cause}); "
+                         "it was ended; the engine goes on with other requests")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request (a request with n > 1 has n of them)."""
@@ -119,7 +129,9 @@ class LLMEngine:
         self.max_model_len = max_len
         batched = self.config.max_num_batched_tokens or (8192 if model.device.type == "cuda" else 2048)
         self.scheduler_config = SchedulerConfig(self.config.max_num_seqs, batched, max_len)
-        self.runner = ModelRunner(model, self.config, max_len, vocab_size=min(tokenizer.vocab_size, mc.vocab_size))
+        # The ids the sampler can draw: the tokenizer's, where the model's output is padded past them.
+        self.vocab_size = min(tokenizer.vocab_size, mc.vocab_size)
+        self.runner = ModelRunner(model, self.config, max_len, vocab_size=self.vocab_size)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
@@ -132,6 +144,8 @@ class LLMEngine:
         self.num_generation_tokens_total = 0
         self.num_steps = 0
         self.num_aborted = 0
+        self.num_failed_steps = 0
+        self.num_failed_requests = 0
         self.async_scheduling = self.config.use_async_scheduling(model.device)
         self._in_flight: _LaunchedStep | None = None
 
@@ -174,20 +188,38 @@ class LLMEngine:
         return SamplingParams.from_generation_config(self.generation_config, **overrides)
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Range-check a request against this model and engine, so that nothing a client sends can fail
+        inside a step: token ids against the vocabulary, lengths against max_model_len and the cache."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token")
-        vocab = self.model.config.vocab_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ConfigError(f"prompt token id(s) {bad[:5]} are outside the vocabulary (size {vocab})")
         n = len(prompt_ids)
         scoring_only = params.max_tokens == 0  # a prompt-logprobs request may fill the whole context
-        if n > self.max_model_len or (n == self.max_model_len and not scoring_only):
+        if n > self.max_model_len or (n == self.max_model_len and not scoring_only):  # (before any O(n) scan)
             raise ConfigError(
                 f"the prompt has {n} tokens, but max_model_len is {self.max_model_len}: it leaves no room for output"
             )
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt token id(s) {bad[:5]} are outside the vocabulary (size {vocab})")
+        sampled_vocab = self.vocab_size
+        if params.top_k > sampled_vocab:
+            raise ConfigError(f"top_k must be at most the vocabulary size ({sampled_vocab}), got {params.top_k}; "
+                              "use -1 to disable it")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ConfigError(f"stop_token_ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        if len(set(params.stop_token_ids)) < len(params.stop_token_ids):  # (the sampler reads them every step)
+            params = params.clone(stop_token_ids=list(dict.fromkeys(params.stop_token_ids)))
+        for name in ("logprobs", "prompt_logprobs"):
+            count = getattr(params, name)
+            if count is not None and count > sampled_vocab:
+                raise ConfigError(f"{name} must be at most the vocabulary size ({sampled_vocab}), got {count}")
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.max_model_len - n)
+            if params.min_tokens > params.max_tokens:
+                raise ConfigError(f"min_tokens ({params.min_tokens}) exceeds the {params.max_tokens} tokens this "
+                                  f"prompt leaves of max_model_len {self.max_model_len}")
         elif n + params.max_tokens > self.max_model_len:
             raise ConfigError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
@@ -250,13 +282,18 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks. Returns False if it is unknown or already done."""
+        if not self._drop(request_id):
+            return False
+        self.num_aborted += 1
+        return True
+
+    def _drop(self, request_id: str) -> bool:
         group = self.groups.pop(request_id, None)
         if group is None:
             return False
         for child in group.children:
             self.scheduler.abort(child.request_id)
             self.runner.release(child)
-        self.num_aborted += 1
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -278,17 +315,46 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; return an output for every streaming request that advanced and
-        every request that finished (with asynchronous scheduling: those of the previous step)."""
-        previous, self._in_flight = self._in_flight, None
-        launched = self._launch()
-        if self.async_scheduling:
-            self._in_flight, launched = launched, None
-        # (A step left in flight when asynchronous scheduling was turned off is collected first.)
-        return [out for step in (previous, launched) if step is not None for out in self._collect(step)]
+        every request that finished (with asynchronous scheduling: those of the previous step).
 
-    def _launch(self) -> _LaunchedStep | None:
-        """Schedule a step and queue it on the device."""
-        sched = self.scheduler.schedule()
+        An exception inside the step fails that step's requests, never the engine: they are removed
+        (their KV blocks and sampler slots freed) and `StepError` names them; every other request
+        goes on at the next step.
+        """
+        previous, self._in_flight = self._in_flight, None
+        sched: SchedulerOutput | None = None
+        launched: _LaunchedStep | None = None
+        try:
+            sched = self.scheduler.schedule()
+            launched = self._launch(sched)
+            if self.async_scheduling:
+                self._in_flight, launched = launched, None
+            # (A step left in flight when asynchronous scheduling was turned off is collected first.)
+            return [out for step in (previous, launched) if step is not None for out in self._collect(step)]
+        except Exception as e:
+            raise self._fail_step(e, sched, [previous, launched, self._in_flight]) from e
+
+    def _fail_step(self, error: Exception, sched: SchedulerOutput | None,
+                   steps: list[_LaunchedStep | None]) -> StepError:
+        """Remove every request the failed step touched (the one being launched and any in flight)."""
+        self._in_flight = None
+        if sched is None:  # the scheduler itself failed: no request's state can be trusted
+            ids = set(self.groups)
+        else:
+            requests = [s.request for s in sched.scheduled]
+            for step in steps:
+                if step is not None:
+                    requests += [s.request for s in step.scheduled.scheduled] + step.scored
+            ids = {r.group_id or r.request_id for r in requests}
+        failed = [rid for rid in sorted(ids) if self._drop(rid)]
+        self.num_failed_steps += 1
+        self.num_failed_requests += len(failed)
+        log.error("a step failed (%s: %s); its %d request(s) were ended, the engine goes on",
+                  type(error).__name__, error, len(failed), exc_info=error)
+        return StepError(failed, error)
+
+    def _launch(self, sched: SchedulerOutput) -> _LaunchedStep | None:
+        """Queue a scheduled step on the device."""
         pending = self.runner.launch(sched)  # (also releases what preempted requests held)
         if sched.is_empty:
             return None
@@ -423,4 +489,6 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "aborted_requests_total": self.num_aborted,
+            "failed_steps_total": self.num_failed_steps,
+            "failed_requests_total": self.num_failed_requests,
         }

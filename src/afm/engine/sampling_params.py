@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,13 +63,18 @@ class SamplingParams:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            # NaN passes every comparison below, and infinities turn logits into NaN inside the sampler.
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                bad(f"{name} must be a finite number, got {value!r}")
+        if not _is_int(self.n) or self.n < 1:
             bad(f"n must be >= 1, got {self.n}")
         if self.temperature < 0:
             bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             bad(f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
@@ -81,21 +88,21 @@ class SamplingParams:
             bad(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             bad("max_tokens must be >= 1; 0 is allowed only with prompt_logprobs (a request that scores its prompt)")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             bad(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs}")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
             bad(f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
         if self.stop and not self.detokenize:
             bad("stop strings need detokenize=True")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             bad(f"seed must be an integer, got {self.seed!r}")
 
     @property

@@ -8,6 +8,7 @@ envelope, `{"error": {"message", "type", "param", "code"}}`, with the matching s
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -22,10 +23,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from afm.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
-from afm.engine.llm_engine import CompletionOutput, RequestOutput
+from afm.engine.llm_engine import CompletionOutput, RequestOutput, StepError
 from afm.engine.request import Logprob
 from afm.errors import AFMError
+from afm.serve.limits import MAX_BODY_BYTES, MAX_SEQUENCES_PER_REQUEST
 from afm.serve.metrics import ServerMetrics
+from afm.serve.prompts import PromptBuilder
 from afm.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,7 +39,6 @@ from afm.serve.protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 class Gate:
@@ -53,13 +55,15 @@ class Gate:
         if self.api_key is None or scope["path"] == "/health":
             return True
         headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        given = auth[7:] if auth.lower().startswith("bearer ") else None
+        auth = headers.get(b"authorization", b"")
+        given = auth[7:] if auth[:7].lower() == b"bearer " else None
         if given is None and scope["path"] == "/":  # the web page's own first load
             from urllib.parse import parse_qs
 
-            given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key") or [None])[0]
-        return given == self.api_key
+            key = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key") or [None])[0]
+            given = None if key is None else key.encode("utf-8", "surrogateescape")
+        # In constant time, so response timing tells nothing about how much of a guess was right.
+        return given is not None and hmac.compare_digest(given, self.api_key.encode("utf-8"))
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -96,16 +100,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(message if where == "body" else f"{where}: {message}")
     return "; ".join(parts) or "invalid request", param
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="afm", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = ServerMetrics(served_model_name)
+              max_body_bytes: int = MAX_BODY_BYTES,
+              max_sequences_per_request: int = MAX_SEQUENCES_PER_REQUEST) -> FastAPI:
     llm = engine.engine
     tokenizer = llm.tokenizer
+    prompts = PromptBuilder(tokenizer, llm.max_model_len)
+    app = FastAPI(title="afm", docs_url=None, redoc_url=None, openapi_url=None, on_shutdown=[prompts.shutdown])
+    metrics = ServerMetrics(served_model_name)
     created = int(time.time())
     defaults = dict(llm.generation_config)
     app.state.engine = engine
@@ -154,6 +161,12 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         except AFMError as e:
             raise OpenAIError(str(e)) from None
 
+    def check_sequences(num_prompts: int, n: int) -> None:
+        if num_prompts * n > max_sequences_per_request:
+            raise OpenAIError(f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; "
+                              f"this server allows at most {max_sequences_per_request} per request: split it",
+                              param="n", code="too_many_sequences")
+
     async def close(streams: list[RequestStream]) -> None:
         for s in streams:
             await s.close()
@@ -175,6 +188,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                 if await request.is_disconnected():
                     raise OpenAIError("the client disconnected", 499, code="client_closed_request")
             return [t.result() for t in tasks]
+        except StepError as e:
+            raise OpenAIError(str(e), 500, "internal_server_error") from None
+        except EngineDeadError as e:
+            raise OpenAIError(str(e), 503, "service_unavailable") from None
         finally:
             for t in tasks:
                 t.cancel()
@@ -265,7 +282,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
 
     # ---- routes -----------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if not engine.is_healthy:
             return JSONResponse(OpenAIError("engine is not running", 503, "service_unavailable").body(), 503)
@@ -281,40 +298,42 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         body = await asyncio.wrap_future(engine.submit(metrics.render))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
+        try:
+            return [m.model_dump(exclude_none=True) | {"content": m.text()} for m in messages]
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from None
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         check_model(req.model)
-        try:
-            if req.messages is not None:
-                ids = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) | {"content": m.text()}
-                                                     for m in req.messages],
-                                                    add_generation_prompt=req.add_generation_prompt, tokenize=True)
-            else:
-                ids = tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
-        except (AFMError, ValueError) as e:
-            raise OpenAIError(str(e)) from None
+        if req.messages is not None:
+            template_kwargs = prompts.check_template_kwargs(req.chat_template_kwargs)
+            ids = await prompts.run(prompts.encode_chat, chat_messages(req.messages), req.add_generation_prompt,
+                                    template_kwargs)
+        else:
+            ids = await prompts.run(prompts.encode, req.prompt or "", "prompt", req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_model_len}
+
+    def decode(ids: list[int]) -> dict[str, Any]:
+        try:
+            return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
+        except AFMError as e:
+            raise OpenAIError(str(e), param="tokens") from None
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
         check_model(req.model)
-        try:
-            return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
-        except AFMError as e:
-            raise OpenAIError(str(e), param="tokens") from None
+        return await prompts.run(decode, req.tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         check_model(req.model)
-        try:
-            messages = [m.model_dump(exclude_none=True) | {"content": m.text()} for m in req.messages]
-            prompt_ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                tokenize=True, **(req.chat_template_kwargs or {}),
-            )
-        except (AFMError, ValueError) as e:
-            raise OpenAIError(str(e), param="messages") from None
+        check_sequences(1, req.n)
+        template_kwargs = prompts.check_template_kwargs(req.chat_template_kwargs)
         params = sampling(req, req.max_output_tokens(), req.logprobs_count())
+        prompt_ids = await prompts.run(prompts.encode_chat, chat_messages(req.messages),
+                                       req.add_generation_prompt and not req.continue_final_message, template_kwargs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = add(list(prompt_ids), params, rid)
         n_prompt = len(prompt_ids)
@@ -353,7 +372,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                             yield sse({**base, "choices": [{"index": o.index, "delta": {}, "logprobs": None,
                                                             "finish_reason": o.finish_reason,
                                                             "stop_reason": o.stop_reason}]})
-            except (AFMError, EngineDeadError) as e:
+            except (AFMError, EngineDeadError, StepError) as e:
                 yield sse(OpenAIError(str(e), 500, "internal_server_error").body())
             if last is not None:
                 finish_metrics([last])
@@ -368,13 +387,14 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         check_model(req.model)
         params = sampling(req, req.max_tokens, req.logprobs, req.prompt_logprobs_count())
         rid = f"cmpl-{uuid.uuid4().hex}"
-        prompts = req.prompts()
+        texts = req.prompts()
+        check_sequences(len(texts), req.n)
+        for p in texts:  # before any tokenization: a batch with one prompt too long fails at once
+            if isinstance(p, str):
+                prompts.check_text_size(p, "prompt")
         prompt_ids: list[list[int]] = []
-        try:
-            for p in prompts:
-                prompt_ids.append(tokenizer.encode(p) if isinstance(p, str) else list(p))
-        except (AFMError, ValueError) as e:
-            raise OpenAIError(str(e), param="prompt") from None
+        for p in texts:
+            prompt_ids.append(await prompts.run(prompts.encode, p, "prompt") if isinstance(p, str) else list(p))
         streams: list[RequestStream] = []
         try:
             for i, ids in enumerate(prompt_ids):
@@ -416,7 +436,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         async def events() -> AsyncIterator[str]:
             base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
             finals: dict[int, RequestOutput] = {}
-            offsets = {(i, j): len(echo[i]) for i in range(len(prompts)) for j in range(params.n)}
+            offsets = {(i, j): len(echo[i]) for i in range(len(texts)) for j in range(params.n)}
             echoed: set[tuple[int, int]] = set()
             ended: set[tuple[int, int]] = set()
             try:
@@ -442,7 +462,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                             yield sse({**base, "choices": [{"index": index(i, o), "text": "", "logprobs": None,
                                                             "finish_reason": o.finish_reason,
                                                             "stop_reason": o.stop_reason}]})
-            except (AFMError, EngineDeadError) as e:
+            except (AFMError, EngineDeadError, StepError) as e:
                 yield sse(OpenAIError(str(e), 500, "internal_server_error").body())
             finish_metrics(list(finals.values()))
             if include_usage:

@@ -33,10 +33,14 @@ class ServerMetrics:
         self.prefix_hit_rate = Gauge("afm:prefix_cache_hit_rate", "Prompt tokens served from the prefix cache",
                                      labels, registry=r)
         self.preemptions = Gauge("afm:num_preemptions", "Requests preempted since start", labels, registry=r)
+        self.failed_steps = Counter("afm:engine_step_failures", "Engine steps that raised (their requests were "
+                                    "ended with an error; the engine went on)", labels, registry=r)
         self.model_name = model_name
         self._last_prompt = 0
         self._last_generation = 0
         self._last_aborted = 0
+        self._last_failed_steps = 0
+        self._last_failed_requests = 0
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = self.model_name
@@ -71,5 +75,9 @@ class ServerMetrics:
         self.generation_tokens.labels(m).inc(gen - self._last_generation)
         aborted = int(s["aborted_requests_total"])
         self.requests.labels(m, "abort").inc(aborted - self._last_aborted)
+        failed_steps, failed_requests = int(s["failed_steps_total"]), int(s["failed_requests_total"])
+        self.failed_steps.labels(m).inc(failed_steps - self._last_failed_steps)
+        self.requests.labels(m, "error").inc(failed_requests - self._last_failed_requests)
         self._last_prompt, self._last_generation, self._last_aborted = prompt, gen, aborted
+        self._last_failed_steps, self._last_failed_requests = failed_steps, failed_requests
         return generate_latest(self.registry)

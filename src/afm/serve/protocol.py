@@ -1,11 +1,14 @@
 """OpenAI API request schemas (chat completions, completions) plus vLLM's extra sampling fields.
 
 Unknown fields are accepted and ignored, as OpenAI's own server does, so that any client or SDK
-works unchanged; known fields are validated strictly.
+works unchanged; known fields are validated strictly (numbers finite and in range, text valid Unicode).
+What only the model can judge (token ids against its vocabulary, lengths against max_model_len) the
+engine checks when the request is added, before it can reach a step.
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -25,15 +28,61 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _invalid_text_at(value: Any) -> str | None:
+    """The path of the first string (or key) in decoded JSON that is not valid Unicode text: JSON's
+    `\\ud800` escapes decode to lone UTF-16 surrogates, which no tokenizer or UTF-8 encoder accepts."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # iterative: a deeply nested body must not exhaust the recursion limit
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                where = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and not k.isascii() and _invalid_text_at(k) is not None:
+                    return where
+                stack.append((where, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(v))
+    return None
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in typing.get_args(annotation)
+
+
+class _Body(BaseModel):
+    """A request body: unknown fields allowed (as OpenAI's server does), JSON's NaN and Infinity refused,
+    every string valid Unicode, and `null` for a field that has a default read as "not given", as OpenAI
+    reads it (clients send `"logprobs": null`, `"n": null`, ...)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        where = _invalid_text_at(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+                             "Unicode text; send UTF-8 text")
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            data = {k: v for k, v in data.items()
+                    if v is not None or k not in fields or _accepts_none(fields[k].annotation)}
+        return data
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Body):
     """Fields shared by both endpoints. None means "the checkpoint's default" (generation_config.json)."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -42,7 +91,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -198,13 +247,13 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
@@ -213,7 +262,6 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]

@@ -18,6 +18,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -104,8 +105,8 @@ class _SafeNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"templates cannot set underscore attributes ({name!r})")
 
 
-@lru_cache(maxsize=32)
-def compile_template(source: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
     )
@@ -114,10 +115,31 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _SafeDict()
     env.globals["namespace"] = _SafeNamespace
+    return env
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise TokenizerError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from e
+
+
+# What `render_chat` itself supplies to every template; a caller's extra variables may not replace them.
+RESERVED_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
+
+
+@lru_cache(maxsize=32)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads that nothing else defines: those `render_chat` supplies, the
+    special tokens, and any extra ones the template's author documented (such as `enable_thinking`)."""
+    env = _environment()
+    try:
+        names = jinja2.meta.find_undeclared_variables(env.parse(source))
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from e
+    return frozenset(names - set(env.globals))
 
 
 @contextmanager
@@ -182,3 +204,6 @@ def render_chat(
         raise TokenizerError(f"chat template attempted an unsafe operation: {e}") from e
     except jinja2.exceptions.TemplateError as e:
         raise TokenizerError(f"chat template failed: {e}") from e
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+        # A template is a program: a message or variable of a type it does not expect fails inside it.
+        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from e

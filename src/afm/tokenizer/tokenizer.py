@@ -40,6 +40,7 @@ class Tokenizer:
     chat_template: str | None = None
     model_max_length: int | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
+    _max_bytes_per_token: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, token in self.special_tokens.items():
@@ -141,11 +142,32 @@ class Tokenizer:
                 ids.append(self.backend.token_to_id(marker))
         return [i for i in dict.fromkeys(ids) if i is not None]
 
+    def max_text_bytes(self, max_tokens: int) -> int:
+        """An upper bound on the UTF-8 bytes of text that `max_tokens` tokens can encode: longer text is
+        certain not to fit, and can be refused without tokenizing it."""
+        # Normalizers (NFKC, ...) may shorten text before it is split into tokens: leave room for that.
+        slack = 1 if self.backend.normalizer is None else 4
+        return max_tokens * self.max_bytes_per_token * slack
+
+    @property
+    def max_bytes_per_token(self) -> int:
+        """The most UTF-8 bytes one token stands for. Decoding ids one at a time over-counts (a token
+        holding part of a character decodes to U+FFFD, 3 bytes), which keeps this an upper bound."""
+        if self._max_bytes_per_token is None:
+            texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+            self._max_bytes_per_token = max(1, *(len(t.encode("utf-8")) for t in texts))
+        return self._max_bytes_per_token
+
     # ---- text <-> ids ---------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a string, got {type(text).__name__}")
+        # The batch call without offsets gives the same ids, releases the GIL while it works (a server's
+        # other threads keep running through a long prompt) and skips the offsets nobody here reads.
+        fast = getattr(self.backend, "encode_batch_fast", None)  # tokenizers >= 0.21
+        if fast is not None:
+            return fast([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
