@@ -105,6 +105,20 @@ def test_multi_turn_rollout_asks_again(checkpoint):
         assert sum(t.mask) > 0 and len(t.ids) == len(t.mask)
 
 
+def test_grpo_reports_which_sandbox_ran_the_code_rewards(checkpoint, tmp_path):
+    from afm.rl import sandbox
+
+    if not sandbox.available():
+        pytest.skip(f"no sandbox isolation here: {sandbox.isolation()}")
+    cfg = GRPOConfig(name="c", out_dir=str(tmp_path / "{name}"), model=str(checkpoint), env="code", steps=1,
+                     prompts_per_step=2, group_size=2, max_tokens=4, train_samples=2, eval_samples=1,
+                     eval_sampled=False, kv_cache_gib=0.02, warmup_steps=0)
+    summary = train_grpo(cfg)
+    step = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()][1]
+    kind = sandbox.isolation().split()[0]  # "bwrap" or "unshare": what ran the programs
+    assert step["sandbox"] == summary["sandbox"] == kind
+
+
 def digit_share(completion: str, parsed, sample) -> float:
     return sum(ch.isdigit() for ch in completion) / max(len(completion), 1)
 

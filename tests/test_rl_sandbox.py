@@ -7,7 +7,9 @@ so the whole file stays fast on a busy two-core machine.
 
 from __future__ import annotations
 
+import ast
 import functools
+import logging
 import os
 import resource
 import socket
@@ -41,6 +43,13 @@ def backend(request) -> sandbox._Backend:
     if isinstance(found, sandbox._Unavailable):
         pytest.skip(f"{request.param} isolation unavailable here: {found}")
     return found
+
+
+@pytest.fixture
+def through(backend, monkeypatch) -> sandbox._Backend:
+    """`run_tests` (which uses the selected mechanism) runs through `backend`."""
+    monkeypatch.setattr(sandbox, "_backend", backend)
+    return backend
 
 
 @pytest.fixture
@@ -113,7 +122,7 @@ def test_humaneval_solution_passes_and_wrong_one_fails(isolated):
     assert not bad.passed and bad.result.status == "error"
     assert "assert candidate(2, 3) == 5" in bad.result.stderr  # tracebacks show the program's lines
     missing = sandbox.run_tests("def plus(a, b):\n    return a + b\n", tests, "add")
-    assert not missing.passed and "has no attribute 'add'" in missing.result.stderr
+    assert not missing.passed and "the solution defines no function 'add'" in missing.result.stderr
 
 
 def test_assert_style_tests_and_output(isolated):
@@ -126,7 +135,192 @@ def test_exiting_early_does_not_pass(isolated, exit_call):
     """The classic reward hack: leave with status 0 before the tests run."""
     r = sandbox.run_tests(f"{exit_call}\ndef add(a, b):\n    return 0\n",
                           "def check(candidate):\n    assert candidate(1, 1) == 2\n", "add")
-    assert not r.passed and r.result.status == "error" and "before the tests finished" in r.result.reason
+    assert not r.passed and r.result.status == "error", r.result
+    assert "the solution's process ended before the tests finished (exit status 0)" in r.result.stderr
+
+
+# --- reward hacks: wrong solutions that once passed, and the harness's secrets ---
+
+ADD_TESTS = ("def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+             "    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n")
+WRONG = "def add(a, b):\n    return a - b\n"
+FORGE = "os.write(1, b'\\n' + bytes(token) + b'\\n'); os._exit(0)"  # print a found token as the harness would
+HACKS = {
+    "sys.exit patched to a no-op": "import sys\nsys.exit = lambda *a, **k: None\n" + WRONG,
+    "os._exit patched to a no-op": "import os, sys\nos._exit = sys.exit = lambda *a, **k: None\n" + WRONG,
+    "an object equal to everything": (
+        "class Any:\n    def __eq__(self, other): return True\n    def __ne__(self, other): return False\n"
+        "    def __lt__(self, other): return True\n    def __sub__(self, other): return self\n"
+        "    def __rsub__(self, other): return self\n    def __abs__(self): return 0\n"
+        "def add(a, b):\n    return Any()\n"),
+    "an int subclass equal to everything": (
+        "class I(int):\n    def __eq__(self, other): return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return I(7)\n"),
+    "the token from the harness's stack frames": (
+        "import os, sys\ndef add(a, b):\n    f = sys._getframe()\n    while f is not None:\n"
+        "        for scope in (f.f_locals, f.f_globals):\n            token = scope.get('token')\n"
+        f"            if isinstance(token, (bytes, str)):\n                token = token.encode() if isinstance(token, str) else token\n                {FORGE}\n"
+        "        f = f.f_back\n    return 0\n"),
+    "the token from gc.get_objects": (
+        "import gc, os, re\ndef add(a, b):\n    for o in gc.get_objects():\n"
+        "        for token in (o.values() if isinstance(o, dict) else o if isinstance(o, (list, tuple)) else ()):\n"
+        "            if isinstance(token, bytes) and re.fullmatch(rb'[0-9a-f]{32}', token):\n"
+        f"                {FORGE}\n    return 0\n"),
+    "the token from the harness's memory": (
+        "import os, re\ndef add(a, b):\n    pid = os.getppid()\n"
+        "    with open(f'/proc/{pid}/maps') as maps, open(f'/proc/{pid}/mem', 'rb', 0) as mem:\n"
+        "        for line in maps:\n            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "            try:\n                mem.seek(lo)\n                chunk = mem.read(min(hi - lo, 1 << 24))\n"
+        "            except OSError:\n                continue\n"
+        "            for token in set(re.findall(rb'\\n([0-9a-f]{32})\\n', chunk)):\n"
+        f"                {FORGE.replace('os._exit(0)', 'pass')}\n"
+        "    os._exit(0)\n"),
+    "the tests from the harness's stdin": (
+        "import os\ndef add(a, b):\n    for pid in (1, os.getppid()):\n"
+        "        os.write(1, open(f'/proc/{pid}/fd/0', 'rb').read())\n    return 0\n"),
+    "a fake verdict on every descriptor": (
+        "import os\nfor fd in range(64):\n    try:\n"
+        "        os.write(fd, b'\\nE 0 0.0\\n' + os.urandom(16).hex().encode() + b'\\n')\n"
+        "    except OSError:\n        pass\n" + WRONG),
+    "SystemExit(0) before the tests": "raise SystemExit(0)\n" + WRONG,
+    "os._exit(0) inside the call": "import os\ndef add(a, b):\n    os._exit(0)\n",
+    "builtins patched": ("import builtins\nclass Never(BaseException): pass\nbuiltins.AssertionError = Never\n"
+                         "builtins.abs = lambda x: 0\nbuiltins.isinstance = lambda *a: True\n" + WRONG),
+    "builtins shadowed by the solution's globals": "def abs(x):\n    return 0\n" + WRONG,
+    "the harness's check replaced": "def check(candidate):\n    pass\n" + WRONG,
+    "a forged reply": (
+        "import json, os, sys\ndef add(a, b):\n    data = json.dumps({'value': {'object': 5}}).encode()\n"
+        "    os.write(int(sys.argv[2]), len(data).to_bytes(4, 'big') + data)\n    return 0\n"),
+    "the harness killed": "import os, signal\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGKILL)\n",
+}
+
+
+@pytest.mark.parametrize("hack", list(HACKS))
+def test_reward_hacks_fail(through, hack):
+    r = sandbox.run_tests(HACKS[hack], ADD_TESTS, "add", timeout_s=3)
+    assert not r.passed and r.result.status != "ok", r.result
+
+
+def test_the_harness_is_out_of_the_solutions_reach(through):
+    """What the hacks above tried, checked directly: the harness's memory, descriptors and tests cannot
+    be read from the solution's process, and the harness cannot be traced."""
+    probe = (
+        "import ctypes, errno, os\n"
+        "def add(a, b):\n"
+        "    out = []\n"
+        "    for path in ['mem', 'maps', 'environ', 'fd/0', 'fd/1']:\n"
+        "        try:\n"
+        "            open(f'/proc/{os.getppid()}/{path}', 'rb').read(1)\n"
+        "            out.append(path + ' readable')\n"
+        "        except OSError as e:\n"
+        "            out.append(f'{path} {errno.errorcode[e.errno]}')\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    out.append(f'ptrace {libc.ptrace(16, os.getppid(), 0, 0)} {ctypes.get_errno()}')\n"  # PTRACE_ATTACH
+        "    seen = open(f'/proc/{os.getppid()}/cmdline', 'rb').read()\n"
+        "    if os.path.exists('/program.py'):\n"
+        "        seen += open('/program.py', 'rb').read()\n"
+        "    out.append('tests ' + ('seen' if b'SECRET-EXPECTED' in seen else 'unseen'))\n"
+        "    return out\n"
+    )
+    tests = "def check(candidate):\n    print(candidate(1, 2))\n    assert 'SECRET-EXPECTED'\n"
+    r = sandbox.run_tests(probe, tests, "add")
+    assert r.passed, r.result
+    seen = ast.literal_eval(r.result.stdout)  # the probe's list, printed by the tests
+    assert seen == ["mem EACCES", "maps EACCES", "environ EACCES", "fd/0 EACCES", "fd/1 EACCES", "ptrace -1 1",
+                    "tests unseen"]
+
+
+def test_a_test_swallowing_the_solutions_end_still_fails(through):
+    """The tests run in the harness: one that catches everything must not turn the solution's process
+    ending (a BaseException there) into a pass."""
+    tests = ("def check(candidate):\n    try:\n        assert candidate(2, 3) == 5\n"
+             "    except BaseException:\n        pass\n")
+    r = sandbox.run_tests("import os\ndef add(a, b):\n    os._exit(0)\n", tests, "add")
+    assert not r.passed and "the solution's process ended before the tests finished" in r.result.stderr
+
+
+GOOD = {  # (solution, assert-style tests)
+    "values of every type that crosses": ("""
+def f(x):
+    return {'t': (x, [x]), 's': {x}, 'fs': frozenset([x]), 'b': bytes([x]), 'ba': bytearray([x]),
+            'c': complex(x, 1), 'n': None, 'yes': x > 0, 'third': x / 3, 'big': 7 ** 9000, 1: 'int key'}
+""", """
+r = f(7)
+assert r == {'t': (7, [7]), 's': {7}, 'fs': frozenset([7]), 'b': b'\\x07', 'ba': bytearray(b'\\x07'),
+             'c': 7 + 1j, 'n': None, 'yes': True, 'third': 7 / 3, 'big': 7 ** 9000, 1: 'int key'}
+assert type(r['t']) is tuple and type(r['ba']) is bytearray and r['yes'] is True
+"""),
+    "subclasses become their base type": ("""
+from collections import Counter, namedtuple
+Point = namedtuple('Point', 'x y')
+def point():
+    return Point(1, 2)
+def count(s):
+    return Counter(s)
+""", "assert point() == (1, 2) and count('aab') == {'a': 2, 'b': 1}\n"),
+    "floats exactly": ("""
+def f():
+    return [float('nan'), -0.0, float('inf'), 0.1 + 0.2]
+""", """
+import math
+nan, zero, inf, x = f()
+assert math.isnan(nan) and math.copysign(1, zero) < 0 and inf == math.inf and x == 0.1 + 0.2
+"""),
+    "expected exceptions and keyword arguments": ("""
+def div(a, b=1):
+    if b == 0:
+        raise ZeroDivisionError('b is zero')
+    return a // b
+""", """
+assert div(7, b=2) == 3
+try:
+    div(1, 0)
+except ZeroDivisionError as e:
+    assert 'b is zero' in str(e)
+else:
+    raise AssertionError('no error')
+"""),
+    "helpers the tests call, and output": ("""
+def encode(s):
+    return s[::-1]
+def decode(s):
+    print('decoding', s)
+    return s[::-1]
+""", """
+def check(candidate):
+    assert candidate(encode('abc')) == 'abc'
+check(decode)
+"""),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD))
+def test_right_solutions_still_pass(through, case):
+    solution, tests = GOOD[case]
+    r = sandbox.run_tests(solution, tests)
+    assert r.passed and r.result.status == "ok", r.result
+    if case == "helpers the tests call, and output":
+        assert r.result.stdout == "decoding cba\n"
+
+
+def test_values_that_cannot_cross_fail_clearly(through):
+    r = sandbox.run_tests("def gen(n):\n    return (i for i in range(n))\n", "assert list(gen(3)) == [0, 1, 2]\n")
+    assert not r.passed and "TypeError: a generator cannot pass between the solution and the tests" in r.result.stderr
+    r = sandbox.run_tests("def apply(f, x):\n    return f(x)\n", "assert apply(lambda x: x + 1, 1) == 2\n")
+    assert not r.passed and "cannot pass these arguments to the solution's apply" in r.result.stderr
+
+
+def test_the_code_environment_warns_about_and_reports_its_sandbox(through, caplog):
+    from afm.rl.envs import CodeEnv
+
+    with caplog.at_level(logging.WARNING, logger="afm.rl.envs"):
+        env = CodeEnv()
+    weaker = [r for r in caplog.records if "WEAKER unshare sandbox" in r.getMessage()]
+    assert len(weaker) == (1 if through.kind == "unshare" else 0)
+    sample = env.dataset(1, 0)[0]
+    assert env.report() == {}  # nothing ran yet
+    assert env.score("```python\ndef f0(x):\n    return 'wrong'\n```", sample).total == 0.0
+    assert env.report() == {"sandbox": through.kind}
 
 
 def test_no_isolation_refuses(monkeypatch):
@@ -272,12 +466,105 @@ def test_huge_file_is_limited(backend):
 def test_many_files_fill_only_the_sized_workdir(backend):
     if not backend.tmpfs_workdir:
         pytest.skip(f"{backend.kind} has no size-capped working directory (it would fill the host disk)")
-    code = "import itertools\nfor i in itertools.count():\n    open(f'f{i}', 'wb').write(bytes(8 << 20))\n"
-    r = run(backend, code)
+    code = "import itertools\nfor i in itertools.count():\n    open(f'f{i}', 'wb').write(bytes(1 << 20))\n"
+    r = run(backend, code, workdir_bytes=4 << 20)
     assert r.status == "error" and "No space left on device" in r.stderr, r
 
 
-def test_host_files_are_hidden_or_protected(backend, tmp_path):
+# Every place a program might write: the root (a tmpfs bubblewrap made, once writable and unbounded:
+# 3 GiB in 1.6 s), /tmp, the working directory, /dev/shm (host memory under unshare), /var/tmp, home.
+FILL = """\
+import errno, os
+def fill(n, directory):
+    written = 0
+    try:
+        for i in range(16):
+            with open(os.path.join(directory, f"afm-fill-{n}-{i}"), "xb") as f:
+                for _ in range(2):
+                    f.write(bytes(1 << 20))
+                    f.flush()
+                    written += 1
+    except OSError as e:
+        return errno.errorcode[e.errno], written
+    return "unbounded", written
+for n, directory in enumerate((".", "/", "/tmp", "/dev/shm", "/var/tmp", "/usr", os.environ["HOME"] + "/")):
+    print(directory, *fill(n, directory))
+"""
+
+
+def test_writes_stop_at_a_read_only_root_or_a_size_cap(backend):
+    """At most `workdir_bytes` in all, wherever the program writes; each place either
+    read-only (EROFS), absent (ENOENT) or the capped working directory (ENOSPC)."""
+    r = run(backend, FILL, workdir_bytes=4 << 20, max_file_bytes=2 << 20)
+    assert r.status == "ok", r
+    outcome = {line.split()[0]: (line.split()[1], int(line.split()[2])) for line in r.stdout.splitlines()}
+    assert all(error in ("EROFS", "ENOSPC", "ENOENT") for error, _ in outcome.values()), outcome
+    assert outcome["/"] == ("EROFS", 0) and outcome["/usr"] == ("EROFS", 0)
+    assert outcome["/dev/shm"][0] in ("EROFS", "ENOENT") and outcome["/var/tmp"][0] in ("EROFS", "ENOENT")
+    assert outcome["."][0] == "ENOSPC" and 2 <= outcome["."][1] <= 4
+    assert sum(mib for _, mib in outcome.values()) <= 4  # MiB: /tmp and home are the capped directory, or read-only
+    if backend.kind == "unshare":  # the host's world-writable directories stay out of reach
+        assert outcome["/tmp"] == ("EROFS", 0) and outcome["/dev/shm"] == ("EROFS", 0)
+
+
+def test_one_file_is_capped_at_max_file_bytes(backend):
+    code = "with open('big.bin', 'wb') as f:\n    f.write(bytes(2 << 20))\n"
+    r = run(backend, code, max_file_bytes=1 << 20)
+    assert r.status == "error" and "[Errno 27] File too large" in r.stderr, r  # EFBIG
+
+
+def test_programs_cannot_regain_the_power_to_mount(backend):
+    """No capabilities, no nested user namespace in which to get them (a tmpfs of its own would be
+    unbounded), no mount."""
+    code = (
+        "import ctypes, os\n"
+        "status = dict(line.split(':\\t') for line in open('/proc/self/status').read().splitlines() if ':\\t' in line)\n"
+        "print('caps', status['CapEff'], status['CapPrm'], status['CapBnd'])\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for what, call in [('userns', lambda: libc.unshare(0x10000000)),\n"
+        "                   ('mount', lambda: libc.mount(b'tmpfs', b'.', b'tmpfs', 0, None)),\n"
+        "                   ('remount', lambda: libc.mount(None, b'/', None, 32 | 4096, None))]:\n"
+        "    print(what, call(), ctypes.get_errno())\n"
+    )
+    r = run(backend, code)
+    assert r.status == "ok", r
+    lines = r.stdout.splitlines()
+    assert lines[0] == "caps 0000000000000000 0000000000000000 0000000000000000"
+    for line in lines[1:]:
+        _, ret, err = line.split()
+        assert ret == "-1" and int(err) in (1, 28), line  # EPERM, or ENOSPC: a user-namespace limit of 0
+
+
+def _host_shm_segments() -> set[str]:
+    return set(Path("/proc/sysvipc/shm").read_text().splitlines()[1:])
+
+
+def test_system_v_shared_memory_stays_in_the_sandbox(backend):
+    """The unshare fallback once shared the host's IPC namespace: segments outlived the run, in host
+    memory. Now every sandbox has its own (and under unshare, no segments at all)."""
+    before = _host_shm_segments()
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0, 1 << 20, 0o1600), ctypes.get_errno())\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+    )
+    r = run(backend, code)
+    assert r.status == "ok", r
+    if backend.kind == "unshare":
+        assert r.stdout.split() == ["-1", "28"]  # ENOSPC: shmmni is 0
+    assert _host_shm_segments() <= before
+
+
+def test_the_host_stays_writable(backend):
+    """The sandbox's mounts are its own: remounting them read-only changes nothing on the host."""
+    assert run(backend, "print(1)").status == "ok"
+    for directory in (tempfile.gettempdir(), "/dev/shm"):
+        if os.path.isdir(directory):
+            with tempfile.NamedTemporaryFile(dir=directory) as f:
+                f.write(b"still writable")
+
+
+def test_host_files_are_hidden_or_read_only(backend, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
     secret.chmod(0o600)
@@ -285,35 +572,41 @@ def test_host_files_are_hidden_or_protected(backend, tmp_path):
     keep.write_text("keep me")
     marker = f"afm-escape-{uuid.uuid4().hex}"
     code = (
-        "import os, shutil\n"
+        "import errno, os, shutil\n"
         f"for path in ['/etc/passwd', {str(secret)!r}, {str(ROOT / 'pyproject.toml')!r}]:\n"
         "    try:\n"
         "        open(path).read()\n"
         "        print(path, 'read')\n"
         "    except OSError as e:\n"
-        "        print(path, type(e).__name__)\n"
-        f"for path in [{str(keep)!r}, {str(tmp_path)!r}]:\n"
+        "        print(path, errno.errorcode[e.errno])\n"
+        f"for path in [{str(keep)!r}, {str(tmp_path)!r}, '/tmp/{marker}']:\n"
         "    try:\n"
-        "        os.remove(path) if path.endswith('.txt') else shutil.rmtree(path)\n"
-        "        print(path, 'deleted')\n"
+        "        if path.endswith('.txt'):\n"
+        "            os.remove(path)\n"
+        "        elif 'afm-escape' in path:\n"
+        "            open(path, 'w').write('x')\n"
+        "        else:\n"
+        "            shutil.rmtree(path)\n"
+        "        print(path, 'changed')\n"
         "    except OSError as e:\n"
-        "        print(path, type(e).__name__)\n"
-        f"open('/tmp/{marker}', 'w').write('x')\n"
+        "        print(path, errno.errorcode[e.errno])\n"
     )
     r = run(backend, code)
     assert r.status == "ok", r
     lines = set(r.stdout.splitlines())
     if backend.kind == "bwrap":  # nothing of the host's filesystem is there
         for path in ("/etc/passwd", str(secret), str(ROOT / "pyproject.toml"), str(keep), str(tmp_path)):
-            assert f"{path} FileNotFoundError" in lines
-        assert not Path(tempfile.gettempdir(), marker).exists()  # its /tmp is its own
-    else:  # documented weakness: the host filesystem is visible, guarded by permissions only
+            assert f"{path} ENOENT" in lines
+        assert f"/tmp/{marker} changed" in lines  # its /tmp is its own tmpfs
+    else:  # documented weakness: the host filesystem is visible (read-only), guarded by permissions
         assert "/etc/passwd read" in lines
-        os.unlink(Path("/tmp", marker))  # a world-writable host directory: writable from the sandbox
+        assert f"/tmp/{marker} EROFS" in lines  # world-writable on the host, read-only here
+        for path in (keep, tmp_path):  # not even reachable where the host runs as root (mode 0700 above)
+            assert f"{path} EROFS" in lines or f"{path} EACCES" in lines, lines
         if _sandbox_uid_differs():
-            assert f"{secret} PermissionError" in lines and f"{keep} PermissionError" in lines
-    if backend.kind == "bwrap" or _sandbox_uid_differs():
-        assert keep.read_text() == "keep me" and secret.read_text() == "top secret"
+            assert f"{secret} EACCES" in lines
+    assert not Path(tempfile.gettempdir(), marker).exists()
+    assert keep.read_text() == "keep me" and secret.read_text() == "top secret"
 
 
 def test_network_is_unreachable(backend):

@@ -137,6 +137,11 @@ class Environment(ABC):
         """The environment's reply after an assistant turn, or None when the episode is over."""
         return None
 
+    def report(self) -> dict[str, Any]:
+        """Facts about how the rewards were computed, logged with every GRPO step and in its summary (the
+        code environment: which sandbox ran the programs); none by default."""
+        return {}
+
     def prompt_messages(self, sample: Sample) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + sample.prompt

@@ -4,8 +4,10 @@ their own scorers, and code with unit tests run in the sandbox (HumanEval format
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from afm.rl.env import (
     Sample,
     format_reward,
 )
+
+log = logging.getLogger(__name__)
 
 ANSWER_FORMAT = "Finish with your final answer after ####."
 
@@ -142,16 +146,29 @@ class CodeEnv(Environment):
 
     Problems are HumanEval-format records (`prompt`, `test`, `entry_point`) from a JSONL file, or, with
     no file, small generated functions with generated tests. The completion is the last fenced code
-    block, or (HumanEval style) a continuation of the prompt's function.
+    block, or (HumanEval style) a continuation of the prompt's function. `report()` says which sandbox
+    ran the tests; a weaker one than bubblewrap, or none, is warned about when the environment is made.
     """
 
     name = "code"
 
     def __init__(self, problems: str | Path | None = None, timeout_s: float = 5.0) -> None:
+        from afm.rl.sandbox import isolation
+
         self.parser = CodeParser()
         self.problems = Path(problems) if problems else None
         self.timeout_s = timeout_s
         self.rubric = Rubric([RewardFunc("tests", self._tests, 1.0)])
+        self.sandbox_runs: Counter[str] = Counter()  # tests run, by the isolation that ran them
+        self.isolation = isolation()
+        if self.isolation.startswith("unshare"):
+            log.warning("code rewards: bubblewrap is missing or cannot start here, so programs run in the WEAKER "
+                        "unshare sandbox, where they can read every world-readable host file (the problems' tests "
+                        "among them: a policy can learn to look answers up). Install bubblewrap (apt-get install "
+                        "bubblewrap). Sandbox: %s", self.isolation)
+        elif not self.isolation.startswith("bwrap"):
+            log.warning("code rewards: no sandbox can isolate programs here, so every code reward will be 0: %s",
+                        self.isolation)
 
     def dataset(self, n: int, seed: int) -> list[Sample]:
         if self.problems is not None:
@@ -180,7 +197,14 @@ class CodeEnv(Environment):
         code = parsed if parsed is not None else sample.info["prompt"] + completion
         if f"def {sample.info['entry_point']}" not in code:
             code = sample.info["prompt"] + code
-        return 1.0 if run_tests(code, sample.info["test"], sample.info["entry_point"], timeout_s=self.timeout_s).passed else 0.0
+        outcome = run_tests(code, sample.info["test"], sample.info["entry_point"], timeout_s=self.timeout_s)
+        self.sandbox_runs[outcome.result.isolation] += 1
+        return 1.0 if outcome.passed else 0.0
+
+    def report(self) -> dict[str, Any]:
+        """`sandbox`: the isolation that ran the tests so far ("bwrap", "unshare", "none"; joined by "+"
+        were it ever more than one)."""
+        return {"sandbox": "+".join(sorted(self.sandbox_runs))} if self.sandbox_runs else {}
 
 
 ENVIRONMENTS = {

@@ -318,7 +318,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
                   "accuracy": sum(t.correct for t in trajectories) / len(trajectories),
                   "completion_length": sum(t.completion_tokens for t in trajectories) / len(trajectories),
                   "useful_fraction": len(useful) / len(trajectories), **stats, "seconds": time.time() - t0,
-                  "reward_errors": dict(env.rubric.error_counts)}
+                  "reward_errors": dict(env.rubric.error_counts), **env.report()}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             model.eval()
             latest = evaluate(llm, env, eval_set, cfg.max_tokens, cfg.eval_sampled, cfg.seed)
@@ -338,7 +338,7 @@ def train_grpo(cfg: GRPOConfig) -> dict[str, Any]:
     save_pretrained(model.to(getattr(torch, ModelConfig.from_pretrained(cfg.model).dtype)), export, tokenizer)
     last = history[-1]
     summary = {"run_dir": str(run_dir), "export": str(export), "steps": cfg.steps,
-               "env": cfg.env, "eval_before": first,
+               "env": cfg.env, **env.report(), "eval_before": first,
                "eval_after": {k[len("eval_"):]: v for k, v in last.items() if k.startswith("eval_")},
                # The same held-out problems before and after: which were gained and lost, with McNemar's test.
                "change": {mode: paired_difference(before.hits[mode], latest.hits[mode]) for mode in before.hits}}
