@@ -1,11 +1,21 @@
+import contextlib
 import gzip
 import json
+import os
+import re
+import signal
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
 
 import pytest
 
 from afm.data.document import Document, read_jsonl, write_jsonl
 from afm.data.pipeline import CurateConfig, curate, stage_profile
 from afm.errors import AFMError
+
+from .conftest import python
 
 SENTENCES = [
     "The printing press changed how ideas travelled across Europe in the fifteenth century.",
@@ -119,3 +129,145 @@ def test_bad_configuration_fails_before_work(tmp_path):
         run(tmp_path, other, tmp_path / "out")
     with pytest.raises(AFMError, match="unknown stage profile"):
         stage_profile("nope")
+
+
+# ---- `afm data curate` interrupted by a worker's death or Ctrl-C, then resumed ------------------------
+#
+# Real runs of the CLI over a corpus big enough (10 files of ~0.4 MB of Python standard library source)
+# that pass 1 lasts a few seconds on 2 workers; a test waits for the first finished part, then strikes.
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tmp_path_factory):
+    """(inputs, an uninterrupted run's output directory)."""
+    root = tmp_path_factory.mktemp("interrupt")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    sources = iter(sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts))
+    inp = root / "in"
+    for i in range(10):
+        docs, chars = [], 0
+        while chars < 400_000:
+            path = next(sources)
+            text = path.read_text(encoding="utf-8", errors="replace")
+            docs.append(Document(str(path.relative_to(stdlib)), text, "stdlib"))
+            chars += len(text)
+        write_jsonl(inp / f"in-{i:02d}.jsonl", docs)
+    reference = root / "reference"
+    r = subprocess.run(curate_command(inp, reference), capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    return inp, reference
+
+
+def curate_command(inp, out):
+    return [python(), "-m", "afm", "data", "curate", str(inp), "--out", str(out), "--workers", "2"]
+
+
+@contextlib.contextmanager
+def curate_run_mid_way(inp, out):
+    """A running `afm data curate` in its own process group, as a shell starts a job (Ctrl-C goes to
+    the driver and its workers), caught once its first part has finished: (the process, its two
+    workers' pids). On leaving, whatever the test found, no process of it is left."""
+    proc = subprocess.Popen(curate_command(inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        wait_for_first_part(proc, out)
+        workers = workers_in(proc.pid)
+        assert len(workers) == 2
+        yield proc, workers
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def wait_for_first_part(proc, out):
+    deadline = time.monotonic() + 120
+    while not any((out / "work" / "pass1").glob("part-*.stats.json")):
+        assert proc.poll() is None, f"curate ended before it could be interrupted: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "no part finished in 120 s"
+        time.sleep(0.02)
+
+
+def processes():
+    """{pid: (state, parent pid, process group, command line)} of the live processes, from /proc."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+                cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:  # it ended meanwhile
+                continue
+            state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+            if state != "Z":
+                found[int(name)] = (state, int(ppid), int(pgrp), cmdline)
+    return found
+
+
+def workers_in(group):
+    """The live worker processes of a curate run started by `start_curate` (its pid is its group)."""
+    return sorted(pid for pid, (_, _, pgrp, cmdline) in processes().items()
+                  if pgrp == group and "spawn_main" in cmdline)
+
+
+def finished_parts(out):
+    """{file: mtime} of every part file whose stats file (written last) exists."""
+    return {p: p.stat().st_mtime_ns for d in (out / "work" / "pass1", out / "curated")
+            for stats in d.glob("part-*.stats.json") for p in d.glob(stats.name.split(".")[0] + ".*")}
+
+
+def resume_matches_uninterrupted(inp, out, reference):
+    kept = finished_parts(out)
+    kept_pass1 = len(list((out / "work" / "pass1").glob("part-*.stats.json")))
+    assert 0 < kept_pass1 < 10
+    t0 = time.monotonic()
+    r = subprocess.run(curate_command(inp, out), capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"[stages] kept {kept_pass1} finished parts" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not recomputed
+    for d in ("curated", "work/pass1"):  # the same files, and no temporary file left by the interruption
+        assert sorted(os.listdir(out / d)) == sorted(os.listdir(reference / d))
+    for p in sorted((reference / "curated").iterdir()) + [reference / "work" / "dedup.json"]:
+        assert (out / p.relative_to(reference)).read_bytes() == p.read_bytes(), p.name
+    report, expected = (json.loads((d / "report.json").read_text()) for d in (out, reference))
+    for key in ("seconds", "output"):
+        del report[key], expected[key]
+    assert report == expected
+    return time.monotonic() - t0
+
+
+def test_curate_stops_when_a_worker_dies_and_resumes(stdlib_corpus, tmp_path):
+    inp, reference = stdlib_corpus
+    out = tmp_path / "out"
+    with curate_run_mid_way(inp, out) as (proc, workers):
+        os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer does
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)  # it used to wait forever for the lost part
+        print(f"exited {time.monotonic() - t0:.2f} s after the kill")
+        assert proc.returncode == 1 and "Traceback" not in stderr
+        error = stderr.splitlines()[-1]
+        assert [line for line in stderr.splitlines() if "error" in line] == [error]
+        lost = re.fullmatch(r"afm data: error: the worker curating work/pass1/(part-\d{5}) "
+                            r"\(from \S+/in-\d\d\.jsonl\) "
+                            r"was killed by SIGKILL .*; that part is lost, finished parts are kept: "
+                            r"rerun the same command to resume", error)
+        assert lost, error
+        assert not (out / "work" / "pass1" / f"{lost[1]}.stats.json").exists()
+        assert workers_in(proc.pid) == []  # the other worker was stopped too
+    print(f"resumed in {resume_matches_uninterrupted(inp, out, reference):.1f} s")
+
+
+def test_curate_stops_on_ctrl_c_and_resumes(stdlib_corpus, tmp_path):
+    inp, reference = stdlib_corpus
+    out = tmp_path / "out"
+    with curate_run_mid_way(inp, out) as (proc, workers):
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: a terminal signals the whole foreground process group
+        t0 = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        print(f"exited {time.monotonic() - t0:.2f} s after Ctrl-C")
+        assert proc.returncode == 130 and "Traceback" not in stderr
+        assert stderr.splitlines()[-1] == (f"interrupted: finished parts are kept in {out}; "
+                                           "rerun the same command to resume")
+        assert len(stderr.strip().splitlines()) == 2  # the progress line and that one
+        assert workers_in(proc.pid) == [] and not any(pid in processes() for pid in workers)  # no orphan
+    print(f"resumed in {resume_matches_uninterrupted(inp, out, reference):.1f} s")

@@ -141,6 +141,7 @@ class Speedrun:
         self.starter = Path(starter) if starter else self.out / "starter"
         self.state_path = self.out / "speedrun.json"
         self.state: dict[str, Any] = {"preset": preset.name, "stages": {}}
+        self.redo: set[str] = set()  # stages that `run(from_stage=...)` redoes from scratch
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
             if saved.get("preset") != preset.name:
@@ -198,7 +199,8 @@ class Speedrun:
             raise AFMError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
         self.out.mkdir(parents=True, exist_ok=True)
         if from_stage is not None:  # redo this stage and every later one
-            for s in STAGES[STAGES.index(from_stage):]:
+            self.redo = set(STAGES[STAGES.index(from_stage):])
+            for s in self.redo:
                 self.state["stages"].pop(s, None)
         self.state.setdefault("started", datetime.now(UTC).isoformat(timespec="seconds"))
         self.state["machine"] = machine_description()
@@ -246,7 +248,8 @@ class Speedrun:
         if not inputs:
             raise AFMError(f"{sources}: no starter sources to curate")
         first, last = stage_profile("curated")
-        if self.curated.exists():  # a curate that did not finish: start it clean
+        # A curate that was stopped resumes, keeping its finished parts; one asked to be redone starts clean.
+        if self.curated.exists() and "curate" in self.redo:
             shutil.rmtree(self.curated)
         report = curate(CurateConfig(inputs=inputs, output=self.curated, first_stages=first, last_stages=last,
                                      workers=self.preset.curate_workers))

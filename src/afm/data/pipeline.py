@@ -11,9 +11,11 @@ worker streams one file at a time; deduplication keeps a small signature per doc
    scrubbing) into `curated/part-NNNNN.jsonl.gz`.
 
 Every output is written atomically and its stats file last; a pass skips parts whose stats exist, so a
-killed run resumes where it stopped and loses no finished part. Outputs do not depend on the number
-of workers. A report (JSON and Markdown) counts documents and characters in and out of every stage,
-per drop reason, per source and per language.
+killed run resumes where it stopped and loses no finished part. On Ctrl-C, or when a worker dies (an
+out-of-memory kill), the run stops at once: the other workers are terminated, the error names the lost
+part, and a rerun of the same command resumes. Outputs do not depend on the number of workers. A
+report (JSON and Markdown) counts documents and characters in and out of every stage, per drop reason,
+per source and per language.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import pickle
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,12 +110,10 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
 # ---- pass 1: first stages and signatures ----------------------------------------------------------
 
 
-def _pass1(task: tuple[int, str, Path, list[Stage], bool]) -> str:
+def _pass1(task: tuple[int, str, Path, list[Stage], bool]) -> None:
     index, path, work, stages, want_signatures = task
     part = work / "pass1" / f"part-{index:05d}"
     stats_path = part.with_suffix(".stats.json")
-    if stats_path.exists():
-        return str(stats_path)
     stats = _new_stats()
     ids: list[str] = []
     exact: list[np.ndarray] = []
@@ -156,7 +161,6 @@ def _pass1(task: tuple[int, str, Path, list[Stage], bool]) -> str:
         records = np.concatenate(minhash) if minhash else np.empty((0, hasher.config.num_perm), dtype=np.uint32)
         dedup.save_signatures(part.with_suffix(".minhash.npz"), ids, records, hasher.config)
     atomic_write_text(stats_path, json.dumps(stats))
-    return str(stats_path)
 
 
 # ---- pass 2: global deduplication ---------------------------------------------------------------
@@ -182,11 +186,9 @@ def _pass2(work: Path, parts: int, exact: bool, threshold: float | None) -> dict
 # ---- pass 3: remove duplicates, last stages --------------------------------------------------------
 
 
-def _pass3(task: tuple[int, Path, Path, list[Stage], frozenset[str]]) -> str:
+def _pass3(task: tuple[int, Path, Path, list[Stage], frozenset[str]]) -> None:
     index, work, curated, stages, drop = task
     stats_path = curated / f"part-{index:05d}.stats.json"
-    if stats_path.exists():
-        return str(stats_path)
     stats = _new_stats()
 
     def undup(docs: Iterator[Document]) -> Iterator[Document]:
@@ -213,32 +215,150 @@ def _pass3(task: tuple[int, Path, Path, list[Stage], frozenset[str]]) -> str:
     docs = read_jsonl(work / "pass1" / f"part-{index:05d}.jsonl.gz")
     write_jsonl(curated / f"part-{index:05d}.jsonl.gz", tally(_run_stages(undup(docs), stages, stats)))
     atomic_write_text(stats_path, json.dumps(stats))
-    return str(stats_path)
 
 
 # ---- the driver -----------------------------------------------------------------------------------
 
 
-def _map(fn: Any, tasks: list, workers: int, label: str) -> list[str]:
-    """Run tasks in worker processes (in order of completion), printing progress."""
-    results: list[str] = []
-    t0 = time.time()
-    if workers <= 1 or len(tasks) <= 1:
-        iterator: Iterable[str] = map(fn, tasks)
-        pool = None
-    else:
-        pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
-        iterator = pool.imap_unordered(fn, tasks)
+# Workers are plain spawned processes, each with its own pipe, rather than a multiprocessing.Pool or a
+# ProcessPoolExecutor: the driver then knows which part every worker holds. A Pool waits forever for a
+# task whose worker died (an out-of-memory kill) and its close/join hang after Ctrl-C; a
+# ProcessPoolExecutor notices a death but cannot say which part was lost, and cannot stop a running
+# task. Here a worker's death shows as the end of its pipe, and the driver names the lost part, stops
+# the other workers and fails; on Ctrl-C (or any error) it terminates them, so none outlives it.
+
+
+def _serve(fn: Any, conn: Any) -> None:
+    """A worker process: run `fn` on every task received and send back (True, result) or (False,
+    exception, traceback text), until the driver closes the pipe."""
+    # A terminal sends Ctrl-C to the whole process group: the driver handles it and stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the driver is done (or gone)
+            return
+        try:
+            reply: tuple = (True, fn(task))
+        except Exception as e:
+            remote = traceback.format_exc()
+            try:
+                pickle.loads(pickle.dumps(e))  # the driver must be able to rebuild it
+            except Exception:
+                e = RuntimeError(f"{type(e).__name__}: {e}")
+            reply = (False, e, remote)
+        conn.send(reply)
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    task: int | None = None  # the index of the task it is running
+
+
+def _start_workers(fn: Any, n: int) -> list[_Worker]:
+    ctx = mp.get_context("spawn")
+    workers = []
+    # A child starts with Ctrl-C ignored (an ignored signal stays ignored across exec), so a Ctrl-C
+    # while it imports does not print its traceback; _serve keeps it ignored.
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     try:
-        for done, r in enumerate(iterator, start=1):
-            results.append(r)
-            print(f"\r[{label}] {done}/{len(tasks)} parts, {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+        for _ in range(n):
+            conn, child = ctx.Pipe()
+            process = ctx.Process(target=_serve, args=(fn, child), daemon=True)
+            process.start()
+            child.close()  # the worker holds the only other end: its death ends the pipe
+            workers.append(_Worker(process, conn))
+    except BaseException:
+        _stop_workers(workers, graceful=False)
+        raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-    print(file=sys.stderr)
-    return results
+        if in_main:
+            signal.signal(signal.SIGINT, old)
+    return workers
+
+
+def _stop_workers(workers: list[_Worker], graceful: bool) -> None:
+    """Let idle workers exit (their pipe closes) or, after an error or Ctrl-C, terminate them, then
+    wait for every one: no worker outlives the driver."""
+    for w in workers:
+        w.conn.close()
+        if not graceful:
+            w.process.terminate()
+    for w in workers:
+        w.process.join(timeout=10)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+
+
+def _lost(w: _Worker, name: str) -> AFMError:
+    """The error for a worker that died while it held the part `name`."""
+    w.process.join(timeout=10)
+    code = w.process.exitcode
+    if code is not None and code < 0:
+        how = f"was killed by {signal.Signals(-code).name}"
+        if -code == signal.SIGKILL:
+            how += " (as by the out-of-memory killer: fewer workers use less memory)"
+    else:
+        how = f"exited with status {code}"
+    return AFMError(f"the worker curating {name} {how}; that part is lost, finished parts are kept: "
+                    "rerun the same command to resume")
+
+
+def _map(fn: Any, tasks: list, stats: list[Path], names: list[str], workers: int, label: str) -> None:
+    """Run fn on every task whose stats file (written last, atomically) does not exist yet, in worker
+    processes, printing progress. Finished parts are kept. A worker that dies fails the run with an
+    AFMError naming its part; no worker outlives this call."""
+    todo = [i for i in range(len(tasks)) if not stats[i].exists()]
+    if len(todo) < len(tasks):
+        print(f"[{label}] kept {len(tasks) - len(todo)} finished parts", file=sys.stderr)
+    if not todo:
+        return
+    t0 = time.time()
+
+    def progress(done: int) -> None:
+        done += len(tasks) - len(todo)
+        print(f"\r[{label}] {done}/{len(tasks)} parts, {time.time() - t0:.0f}s", end="", file=sys.stderr,
+              flush=True)
+
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for done, i in enumerate(todo, start=1):
+                fn(tasks[i])
+                progress(done)
+            return
+        pool = _start_workers(fn, min(workers, len(todo)))
+        pending, done, ok = list(todo), 0, False
+        try:
+            while done < len(todo):
+                for w in pool:
+                    if w.task is None and pending:
+                        w.task = pending.pop(0)
+                        try:
+                            w.conn.send(tasks[w.task])
+                        except (BrokenPipeError, ConnectionResetError):
+                            raise _lost(w, names[w.task]) from None
+                for conn in mp_connection.wait([w.conn for w in pool if w.task is not None]):
+                    w = next(w for w in pool if w.conn is conn)
+                    try:
+                        reply = conn.recv()
+                    except (EOFError, ConnectionResetError):  # the worker died
+                        raise _lost(w, names[w.task]) from None
+                    if not reply[0]:
+                        error, remote = reply[1], reply[2]
+                        error.add_note(f"in the worker curating {names[w.task]}:\n{remote}")
+                        raise error
+                    w.task = None
+                    done += 1
+                    progress(done)
+            ok = True
+        finally:
+            _stop_workers(pool, graceful=ok)
+    finally:
+        print(file=sys.stderr)
 
 
 def curate(config: CurateConfig) -> dict[str, Any]:
@@ -253,16 +373,28 @@ def curate(config: CurateConfig) -> dict[str, Any]:
     if plan_file.exists() and json.loads(plan_file.read_text()) != listed:
         raise AFMError(f"{out} holds a run over other inputs; use a new output directory or delete {out}")
     atomic_write_text(plan_file, json.dumps(listed))
+    for d in (out, work, work / "pass1", curated):  # temporary files of writes that a kill cut short
+        for tmp in d.glob(".*.tmp"):
+            tmp.unlink()
     t0 = time.time()
     want_sigs = config.near_dedup_threshold is not None
-    stats1 = _map(_pass1, [(i, str(f), work, config.first_stages, want_sigs) for i, f in enumerate(files)],
-                  config.workers, "stages")
-    dup = _pass2(work, len(files), config.exact_dedup, config.near_dedup_threshold)
-    drop = frozenset(dup["drop"])
-    stats3 = _map(_pass3, [(i, work, curated, config.last_stages, drop) for i in range(len(files))],
-                  config.workers, "dedup + final stages")
-    s1 = merge_stats(json.loads(Path(p).read_text()) for p in stats1)
-    s3 = merge_stats(json.loads(Path(p).read_text()) for p in stats3)
+    parts = [f"part-{i:05d}" for i in range(len(files))]
+    stats1 = [work / "pass1" / f"{p}.stats.json" for p in parts]
+    stats3 = [curated / f"{p}.stats.json" for p in parts]
+    try:
+        _map(_pass1, [(i, str(f), work, config.first_stages, want_sigs) for i, f in enumerate(files)], stats1,
+             [f"work/pass1/{p} (from {f})" for p, f in zip(parts, files)], config.workers, "stages")
+        dup = _pass2(work, len(files), config.exact_dedup, config.near_dedup_threshold)
+        drop = frozenset(dup["drop"])
+        _map(_pass3, [(i, work, curated, config.last_stages, drop) for i in range(len(files))], stats3,
+             [f"curated/{p} (from {f})" for p, f in zip(parts, files)], config.workers,
+             "dedup + final stages")
+    except KeyboardInterrupt:
+        print(f"interrupted: finished parts are kept in {out}; rerun the same command to resume",
+              file=sys.stderr)
+        raise
+    s1 = merge_stats(json.loads(p.read_text()) for p in stats1)
+    s3 = merge_stats(json.loads(p.read_text()) for p in stats3)
     report = {
         "inputs": len(files),
         "seconds": time.time() - t0,
