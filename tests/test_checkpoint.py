@@ -1,6 +1,7 @@
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -212,3 +213,97 @@ def test_pickle_weights_are_refused_with_a_hint(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="safetensors only"):
         load_pretrained(tmp_path)
+
+
+# ---- non-finite weights ---------------------------------------------------------------------
+
+
+def poison(shard, name, positions, value):
+    """Rewrite a safetensors file (with the safetensors library): `value` at flat `positions` of `name`."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(shard))
+    tensors[name].view(-1)[list(positions)] = value
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused_with_the_tensor_and_file_named(tiny_checkpoint, value):
+    path, _ = tiny_checkpoint
+    poison(shard_of(path), "model.layers.1.mlp.up_proj.weight", [0, 777, 6143], value)
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00001.safetensors: tensor "
+                       r"'model.layers.1.mlp.up_proj.weight' has 3 non-finite values \(NaN or inf\) of 6144; "
+                       r"the checkpoint is damaged"):
+        load_pretrained(path)
+
+
+def test_non_finite_bf16_weights_in_a_sharded_checkpoint_are_refused(tmp_path):
+    """A bf16 checkpoint (the serving dtype) in several shards, loaded in another dtype: the check sees the
+    stored values, in the shard that holds them."""
+    model = build_model(tiny_config(dtype="bfloat16"), dtype=torch.bfloat16, seed=0)
+    save_pretrained(model, tmp_path, max_shard_bytes=30_000)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    shard = tmp_path / json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"][name]
+    assert shard.name != "model-00001-of-00001.safetensors"
+    poison(shard, name, [100], float("nan"))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{name}' has 1 non-finite values"):
+        load_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_large_finite_weights_are_not_mistaken_for_damage(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    poison(shard_of(path), "model.norm.weight", [0, 1], 3.0e38)  # near float32's maximum, and finite
+    loaded = load_pretrained(path)
+    assert loaded.model.norm.weight[0] == 3.0e38
+
+
+def test_count_non_finite_counts_exactly():
+    from afm.model.hf import count_non_finite
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.randn(3, 1000).to(dtype)
+        assert count_non_finite(t) == 0
+        t[0, 5], t[1, 7], t[2, 999] = float("nan"), float("inf"), float("-inf")
+        assert count_non_finite(t) == 3
+    assert count_non_finite(torch.empty(0)) == 0
+    assert count_non_finite(torch.tensor([1, 2])) == 0  # integers are never non-finite
+
+
+@pytest.fixture(scope="module")
+def gguf_model():
+    pytest.importorskip("gguf", reason="GGUF support uses the gguf package")
+    from afm.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["hello world, this is afm. " * 20, "def f(x):\n    return x + 1\n" * 20], 300)
+    config = tiny_config(vocab_size=320, head_dim=32, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return build_model(config, seed=4).eval(), tokenizer
+
+
+@pytest.mark.parametrize("out_type,tensor,what", [
+    ("f32", "blk.1.ffn_up.weight", "values"),
+    ("f16", "blk.1.ffn_down.weight", "values"),
+    ("f16", "output_norm.weight", "values"),  # vectors stay float32 in every export type
+    ("q8_0", "blk.0.attn_v.weight", "block scales"),
+    ("q4_0", "blk.0.attn_v.weight", "block scales"),
+])
+def test_gguf_with_a_non_finite_weight_is_refused(tmp_path, gguf_model, out_type, tensor, what):
+    """The float tensors of a GGUF file, and the float16 scales of its Q8_0 / Q4_0 blocks, are checked
+    on import: a NaN written over the start of the tensor's data is refused with the tensor named."""
+    import gguf
+
+    from afm.quant.gguf_io import export_gguf, load_gguf
+
+    model, tokenizer = gguf_model
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", out_type)
+    assert load_gguf(path).model is not None  # intact, it loads
+    entry = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == tensor)
+    # The first float of the data: a float32 or float16 value, or the float16 scale of the first block.
+    nan = struct.pack("<f", float("nan")) if entry.tensor_type == gguf.GGMLQuantizationType.F32 else \
+        np.float16("nan").tobytes()
+    with open(path, "r+b") as f:
+        f.seek(entry.data_offset)
+        f.write(nan)
+    message = rf"m.gguf: tensor '{tensor}' has 1 non-finite {what} \(NaN or inf\)"
+    with pytest.raises(CheckpointError, match=message):
+        load_gguf(path)

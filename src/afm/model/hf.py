@@ -6,7 +6,8 @@ is read too) and the tokenizer files. transformers, vLLM and llama.cpp's convert
 
 Loading builds the model on the meta device and streams tensors one at a time from memory-mapped
 safetensors files, so peak memory stays close to the size of the weights. Every tensor's name, shape
-and dtype is checked against the config before any data is read.
+and dtype is checked against the config before any data is read, and every tensor is checked for NaN
+and infinite values as it is read.
 """
 
 from __future__ import annotations
@@ -269,9 +270,34 @@ def iter_checkpoint_tensors(
         with _open(path) as f:
             for name in sorted(set(f.keys()) & set(expected)):
                 try:
-                    yield name, f.get_tensor(name)
+                    tensor = f.get_tensor(name)
                 except SafetensorError as e:
                     raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from e
+                # A NaN or inf weight makes every output garbage without any error; refuse it here, where
+                # the tensor is read anyway, rather than serve it.
+                bad = count_non_finite(tensor)
+                if bad:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has {bad} non-finite values (NaN or inf) of {tensor.numel()}; "
+                        "the checkpoint is damaged (copy it again, or export it from an earlier training checkpoint)"
+                    )
+                yield name, tensor
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many elements of a floating-point tensor are NaN or infinite.
+
+    The screen is one aminmax pass, which carries any NaN or infinity into its result and allocates
+    nothing the size of the tensor (25x faster than isfinite(t).all() on a CPU, docs/benchmarks.md).
+    Only a tensor that fails it is counted element by element.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(tensor)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return 0
+    flat = tensor.reshape(-1)
+    return sum(int(torch.isfinite(chunk).logical_not_().sum()) for chunk in flat.split(1 << 24))
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -349,5 +375,6 @@ __all__ = [
     "read_generation_config",
     "generation_config_dict",
     "checkpoint_size_bytes",
+    "count_non_finite",
     "AFM_SAMPLING",
 ]

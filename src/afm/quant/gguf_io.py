@@ -12,7 +12,8 @@ Tensors are quantized and written one at a time, so exporting needs memory for o
 file (the q and k layers reorder their outputs instead of their rows). Matrices in the other ggml types
 (the k-quants, Q4_1, Q5_0, Q5_1, the IQ types: llama.cpp's own Q4_0 files keep `output.weight` in Q6_K,
 and Q4_K_M files are mostly Q4_K) are dequantized with the `gguf` package's reference code and
-requantized to Q8_0 at load, which keeps their accuracy at about a byte per weight in memory.
+requantized to Q8_0 at load, which keeps their accuracy at about a byte per weight in memory. Import
+refuses a file with a NaN or infinite float weight or block scale, naming the tensor.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from afm.errors import AFMError, CheckpointError
 from afm.io import atomic_write
 from afm.model.config import ModelConfig, YarnScaling
+from afm.model.hf import count_non_finite
 from afm.model.transformer import AFMForCausalLM, build_model
 from afm.quant.formats import QuantType, quantize
 from afm.tokenizer import Tokenizer
@@ -297,11 +299,31 @@ def requantize_to_q8_0(path: Path, tensor: Any) -> np.ndarray:
                 f"{path}: tensor {name!r} is {ggml_type.name}, which the installed gguf package cannot "
                 "dequantize; afm runs F32, F16, BF16, Q8_0 and Q4_0 directly and converts the types gguf reads "
                 "(upgrade gguf, or requantize with `afm quantize`)") from None
+        _refuse_non_finite(path, name, count_non_finite(torch.from_numpy(values)), values.size, "values")
         q = quantize(values, QuantType.Q8_0)
         if out is None:
             out = np.empty((rows, q.shape[1]), dtype=np.uint8)
         out[start:start + q.shape[0]] = q
     return out
+
+
+def _non_finite_scales(data: np.ndarray, q: QuantType) -> int:
+    """How many of a Q8_0 or Q4_0 matrix's float16 block scales (the first 2 bytes of every block) are NaN
+    or infinite: one such scale turns its 32 weights into NaN or inf. Read a slab of rows at a time, so
+    the copy of the scales stays small."""
+    bad = 0
+    for start in range(0, data.shape[0], _CONVERT_ROWS):
+        slab = data[start:start + _CONVERT_ROWS]
+        scales = np.ascontiguousarray(slab.reshape(slab.shape[0], -1, q.block_bytes)[:, :, :2]).view(np.float16)
+        bad += count_non_finite(torch.from_numpy(scales))
+    return bad
+
+
+def _refuse_non_finite(path: Path, name: str, bad: int, total: int, what: str) -> None:
+    # NaN or inf weights make every output garbage without any error: refuse the file instead of serving it.
+    if bad:
+        raise CheckpointError(f"{path}: tensor {name!r} has {bad} non-finite {what} (NaN or inf) of {total}; "
+                              "the file is damaged (copy it again, or export it again)")
 
 
 def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GGUFModel:
@@ -357,6 +379,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
             shape = (rows, row_bytes // q.block_bytes * 32)
             if shape != expected:
                 raise CheckpointError(f"{path}: tensor {gg_name!r} has shape {shape}, expected {expected}")
+            _refuse_non_finite(path, gg_name, _non_finite_scales(data, q), rows * shape[1] // 32, "block scales")
             weight = _readonly_tensor(data)
             if isinstance(module, nn.Embedding):
                 new: nn.Module = QuantEmbedding(weight, q, shape[1])
@@ -376,6 +399,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
                 tensor = _readonly_tensor(array)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(f"{path}: tensor {gg_name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+            _refuse_non_finite(path, gg_name, count_non_finite(tensor), tensor.numel(), "values")
             module.weight = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
     missing = sorted(set(names) - found)
     if missing:

@@ -307,13 +307,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     bf16 = use_bf16(config.precision, info.device)
     model = make_model(config, info.device)
     state = TrainerState()
-    resume_from = checkpoint.latest(run_dir)
-    if resume_from is not None:
-        saved = json.loads((resume_from / checkpoint.TRAINER_STATE).read_text())
-        for ph in config.phases[: saved["phase"] + 1]:  # the RoPE of the phase being resumed
-            if ph.context_extension is not None:
-                extend_context(model, ph.context_extension)
-    elif config.phases[0].context_extension is not None:
+    base_config = model.config
+    resuming = bool(checkpoint.complete_checkpoints(run_dir))
+    if not resuming and config.phases[0].context_extension is not None:
         extend_context(model, config.phases[0].context_extension)
     if config.lora is not None:
         apply_lora(model, config.lora)
@@ -330,9 +326,21 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     autocast = bf16 and not info.distributed and weights is None
     optimizers = build_optimizers(wrapped, opt, info.device, weights)
     loss_fn = loss_function(compile)
-    if resume_from is not None:
-        state = TrainerState(**{k: v for k, v in checkpoint.load(resume_from, wrapped, optimizers, info).items()
-                                if k in TrainerState.__dataclass_fields__})
+
+    def rope_of_phase(trainer: dict[str, Any]) -> None:
+        """The RoPE of the phase being resumed, set anew for each checkpoint tried: when the newest is
+        damaged, the one resumed from may be in an earlier phase."""
+        model.config = model.model.config = model.model.rotary_emb.config = base_config
+        model.model.rotary_emb.reset_parameters()
+        for ph in config.phases[: trainer["phase"] + 1]:
+            if ph.context_extension is not None:
+                extend_context(model, ph.context_extension)
+
+    # The newest checkpoint that verifies and loads; damaged ones are reported and skipped.
+    resumed = checkpoint.resume(run_dir, wrapped, optimizers, info, before_load=rope_of_phase) if resuming else None
+    if resumed is not None:
+        resume_from, trainer = resumed
+        state = TrainerState(**{k: v for k, v in trainer.items() if k in TrainerState.__dataclass_fields__})
         if weights is not None:
             weights.refresh()
         if info.is_main:
