@@ -64,9 +64,9 @@ RAW_HTTP = [b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n", b"G\x00T / HTTP
 
 
 class Fuzzer:
-    def __init__(self, url: str, port: int, seed: int, vocab: int, max_model_len: int) -> None:
+    def __init__(self, url: str, port: int, seed: int, vocab: int) -> None:
         self.url, self.port, self.rng = url, port, random.Random(seed)
-        self.vocab, self.max_model_len = vocab, max_model_len
+        self.vocab = vocab
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.failures: list[dict[str, Any]] = []
 
@@ -252,7 +252,7 @@ def main() -> None:
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     try:
         start_rss = rss_mb(server.pid)
-        f = Fuzzer(url, port, args.seed, vocab, args.max_model_len)
+        f = Fuzzer(url, port, args.seed, vocab)
         t0 = time.monotonic()
         asyncio.run(fuzz(f, args.requests, args.concurrency))
         seconds = time.monotonic() - t0

@@ -389,12 +389,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
         rid = f"cmpl-{uuid.uuid4().hex}"
         texts = req.prompts()
         check_sequences(len(texts), req.n)
-        for p in texts:  # before any tokenization: a batch with one prompt too long fails at once
-            if isinstance(p, str):
-                prompts.check_text_size(p, "prompt")
-        prompt_ids: list[list[int]] = []
-        for p in texts:
-            prompt_ids.append(await prompts.run(prompts.encode, p, "prompt") if isinstance(p, str) else list(p))
+        prompt_ids = await prompts.run(prompts.encode_prompts, texts)
         streams: list[RequestStream] = []
         try:
             for i, ids in enumerate(prompt_ids):

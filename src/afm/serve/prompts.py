@@ -44,7 +44,7 @@ class PromptBuilder:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---- checks on the event loop (cheap) -------------------------------------------------------
+    # ---- a check on the event loop (cheap) ------------------------------------------------------
 
     def check_template_kwargs(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
         if not kwargs:
@@ -59,6 +59,8 @@ class PromptBuilder:
             )
         return kwargs
 
+    # ---- work for the worker threads --------------------------------------------------------------
+
     def check_text_size(self, text: str, param: str, what: str | None = None) -> None:
         """Refuse text that cannot fit in max_model_len tokens (it would need more bytes per token than any
         token of the vocabulary has)."""
@@ -70,14 +72,23 @@ class PromptBuilder:
                 param=param, code="context_length_exceeded",
             )
 
-    # ---- work for the worker threads --------------------------------------------------------------
-
     def encode(self, text: str, param: str, add_special_tokens: bool = True, what: str | None = None) -> list[int]:
         self.check_text_size(text, param, what)
         try:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (AFMError, ValueError) as e:
             raise OpenAIError(str(e), param=param) from None
+
+    def encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """A completions request's prompts as ids: every text's size is checked before any is tokenized
+        (a batch with one prompt too long fails at once); token-id prompts pass as they are."""
+        for p in prompts:
+            if isinstance(p, str):
+                self.check_text_size(p, "prompt")
+        try:
+            return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        except (AFMError, ValueError) as e:
+            raise OpenAIError(str(e), param="prompt") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                     template_kwargs: dict[str, Any]) -> list[int]:

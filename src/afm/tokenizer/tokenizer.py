@@ -5,6 +5,7 @@ This is what a checkpoint directory carries and what transformers, vLLM and llam
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,6 @@ class Tokenizer:
     chat_template: str | None = None
     model_max_length: int | None = None
     extra_config: dict[str, Any] = field(default_factory=dict)
-    _max_bytes_per_token: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, token in self.special_tokens.items():
@@ -149,14 +149,12 @@ class Tokenizer:
         slack = 1 if self.backend.normalizer is None else 4
         return max_tokens * self.max_bytes_per_token * slack
 
-    @property
+    @functools.cached_property
     def max_bytes_per_token(self) -> int:
         """The most UTF-8 bytes one token stands for. Decoding ids one at a time over-counts (a token
         holding part of a character decodes to U+FFFD, 3 bytes), which keeps this an upper bound."""
-        if self._max_bytes_per_token is None:
-            texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
-            self._max_bytes_per_token = max(1, *(len(t.encode("utf-8")) for t in texts))
-        return self._max_bytes_per_token
+        texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max(1, *(len(t.encode("utf-8")) for t in texts))
 
     # ---- text <-> ids ---------------------------------------------------------------------------
 
@@ -165,10 +163,7 @@ class Tokenizer:
             raise TokenizerError(f"encode expects a string, got {type(text).__name__}")
         # The batch call without offsets gives the same ids, releases the GIL while it works (a server's
         # other threads keep running through a long prompt) and skips the offsets nobody here reads.
-        fast = getattr(self.backend, "encode_batch_fast", None)  # tokenizers >= 0.21
-        if fast is not None:
-            return fast([text], add_special_tokens=add_special_tokens)[0].ids
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

@@ -74,10 +74,14 @@ def make_model(config: TrainConfig, device: torch.device) -> AFMForCausalLM:
 
 def extend_context(model: AFMForCausalLM, ext: Any) -> None:
     """Switch RoPE to YaRN scaling for a longer context (the frequencies are recomputed; no weights change)."""
-    config = model.config.replace(
+    set_rope_config(model, model.config.replace(
         rope_scaling=YarnScaling(factor=ext.factor, original_max_position_embeddings=ext.original_max_position_embeddings),
         max_position_embeddings=ext.max_position_embeddings,
-    )
+    ))
+
+
+def set_rope_config(model: AFMForCausalLM, config: ModelConfig) -> None:
+    """Give the model `config` (which differs from its own in RoPE only) and recompute the frequencies."""
     model.config = config
     model.model.config = config
     model.model.rotary_emb.config = config
@@ -330,8 +334,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     def rope_of_phase(trainer: dict[str, Any]) -> None:
         """The RoPE of the phase being resumed, set anew for each checkpoint tried: when the newest is
         damaged, the one resumed from may be in an earlier phase."""
-        model.config = model.model.config = model.model.rotary_emb.config = base_config
-        model.model.rotary_emb.reset_parameters()
+        set_rope_config(model, base_config)
         for ph in config.phases[: trainer["phase"] + 1]:
             if ph.context_extension is not None:
                 extend_context(model, ph.context_extension)
